@@ -1,0 +1,115 @@
+"""The resolved render job: the contract between the plan and the renderer.
+
+A `RenderJob` is what `renderer.plan.expand` produces and what the actor renders.
+Everything in it is resolved (no references, no defaults left to apply), so a job
+can be rendered, hashed, stored in a PNG and reproduced on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Bump when castbook changes how a job is turned into pixels (scheduler mapping,
+# prompt assembly, seeding). It is part of every key, so caches invalidate cleanly.
+RENDER_RECIPE_VERSION = 1
+
+ControlType = Literal["pose", "depth", "canny", "seg", "normal"]
+SchedulerName = Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"]
+Dtype = Literal["auto", "fp32", "fp16", "bf16"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ResolvedModel(_Frozen):
+    """A base model or ControlNet as the renderer loads it.
+
+    `ref` is `builtin:NAME` or a path relative to the project root. `digest` is the
+    sha256 of the file (or of a folder's weight/config files); for built-ins it is
+    `builtin:NAME@RECIPE` so a change to the built-in recipe changes every key.
+    """
+
+    ref: str
+    kind: Literal["builtin", "diffusers", "single_file"]
+    digest: str
+    config: str | None = None  # single-file checkpoints: local diffusers config folder
+
+
+class ResolvedLora(_Frozen):
+    name: str  # registry name, used as the peft adapter name
+    path: str  # relative to the project root
+    digest: str
+    weight: float
+    kind: Literal["character", "background", "pose", "expression", "style", "other"]
+
+
+class ResolvedControl(_Frozen):
+    type: ControlType
+    image: str  # relative to the project root
+    image_digest: str
+    scale: float  # controlnet_conditioning_scale
+    preprocess: bool
+    model: ResolvedModel
+    detector: str  # controlnet-aux detector name ("canny", "openpose", "midas", ...); "none" when not preprocessed
+    detector_params: dict[str, float | int | str | bool] = Field(default_factory=dict)
+    annotator_dir: str | None = None  # trusted local folder with annotator checkpoints
+
+
+class RenderJob(_Frozen):
+    key: str  # sha256 hex of the canonical JSON of everything that changes pixels
+    name: str  # readable output name: job/character/scene/preset/seed-N[-sweep]
+    job: str
+    character: str | None
+    scene: str
+    preset: str
+    prompt: str
+    negative_prompt: str
+    seed: int  # the generator seed actually used
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    scheduler: SchedulerName
+    dtype: Dtype
+    base_model: ResolvedModel
+    loras: tuple[ResolvedLora, ...] = ()
+    controls: tuple[ResolvedControl, ...] = ()
+    sweep: dict[str, float | int | str] = Field(default_factory=dict)  # axis -> value, for grids
+    best_of_group: str | None = None  # jobs sharing a group are candidates; scoring keeps one
+    candidate: int = 0
+
+    def pixel_fields(self) -> dict:
+        """Everything that changes pixels: the input of the job key."""
+        return {
+            "recipe": RENDER_RECIPE_VERSION,
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "seed": self.seed,
+            "width": self.width,
+            "height": self.height,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "scheduler": self.scheduler,
+            "dtype": self.dtype,
+            "base_model": self.base_model.digest,
+            # LoRA merging is a sum, so stack order does not change pixels: sort for the key.
+            "loras": sorted(
+                [{"name": l.name, "digest": l.digest, "weight": l.weight} for l in self.loras],
+                key=lambda d: d["name"],
+            ),
+            "controls": [
+                {
+                    "type": c.type,
+                    "image": c.image_digest,
+                    "scale": c.scale,
+                    "preprocess": c.preprocess,
+                    "model": c.model.digest,
+                    "detector": c.detector,
+                    "detector_params": c.detector_params,
+                }
+                for c in self.controls
+            ],
+        }
