@@ -1,0 +1,3 @@
+from castbook.cli import main
+
+raise SystemExit(main())

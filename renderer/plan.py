@@ -1,0 +1,306 @@
+"""Expansion of a validated spec into fully resolved render jobs, and their keys.
+
+`expand` is pure: no file reads, no randomness. The file digests it needs are
+computed once at the edge (`compute_digests`) and passed in. `load_plan` is the
+edge: files → Spec → digests → jobs. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from schemas.builtins import builtin_digest
+from schemas.checks import job_count_error, seed_list
+from schemas.job import ResolvedControl, ResolvedLora, ResolvedModel, RenderJob
+from schemas.loader import SpecErrors, glob_matches
+from schemas.presets import resolve_presets
+from schemas.spec import BuiltinModel, DiffusersFolder, SingleFile, Spec
+from schemas.spec_loader import load_spec
+from schemas.templates import prompt_variables, render_prompt
+
+NO_CHARACTER = "nocharacter"
+SWEEP_SHORT = {"guidance_scale": "cfg", "num_inference_steps": "steps", "scheduler": "sched", "width": "w", "height": "h"}
+DIGEST_CHUNK = 1 << 20
+
+
+class PlanError(ValueError):
+    """Raised by `expand` for a spec that cannot be expanded (normally caught by validation)."""
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+
+def canonical_json(data) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def job_key(job: RenderJob) -> str:
+    return hashlib.sha256(canonical_json(job.pixel_fields()).encode()).hexdigest()
+
+
+def derive_seed(seed: int, image_index: int, candidate: int) -> int:
+    """The generator seed of image `image_index`, candidate `candidate` of a base seed.
+
+    The first image of a seed uses the seed itself (so `seed: 42` means what users
+    expect); others get a stable 32-bit hash, so seeds 1 and 2 never collide.
+    """
+    if image_index == 0 and candidate == 0:
+        return seed
+    digest = hashlib.sha256(f"castbook-seed:{seed}:{image_index}:{candidate}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+# --- expansion ------------------------------------------------------------------------------
+
+
+def _model(model, digests: dict[str, str]) -> ResolvedModel:
+    if isinstance(model, BuiltinModel):
+        return ResolvedModel(ref=model.ref, kind="builtin", digest=builtin_digest(model.name))
+    if isinstance(model, SingleFile):
+        return ResolvedModel(ref=model.path, kind="single_file", digest=digests[model.path], config=model.config)
+    assert isinstance(model, DiffusersFolder)
+    return ResolvedModel(ref=model.path, kind="diffusers", digest=digests[model.path])
+
+
+def _format_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _sweep_suffix(combo: dict) -> str:
+    parts = []
+    for axis, value in combo.items():
+        pieces = axis.split(".")
+        short = pieces[1] if pieces[0] in ("loras", "controls") else SWEEP_SHORT[axis]
+        parts.append(f"{short}={_format_value(value)}")
+    return ("-" + "-".join(parts)) if parts else ""
+
+
+def _has_word(prompt: str, word: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt, flags=re.IGNORECASE) is not None
+
+
+def expand(spec: Spec, digests: dict[str, str]) -> list[RenderJob]:
+    """All render jobs of a spec, fully resolved and keyed. Pure.
+
+    Layering, in exactly this order: preset (the job's `presets` axis, else the scene's
+    `preset`, else `defaults.preset`) → `defaults.scheduler` → the scene's size → the
+    job's own values → sweep values.
+    LoRA stack: the character's LoRAs, then the scene's, then the job's, in that order;
+    a later mention of the same LoRA replaces its weight; a weight left out is the
+    registry's default. `use_loras: false` starts from an empty stack.
+    """
+    too_many = job_count_error(spec)
+    if too_many:
+        raise PlanError(too_many[1])
+    presets = resolve_presets(spec)
+    base_model = _model(spec.defaults.base_model, digests)
+    dtype = spec.performance.dtype
+    jobs: list[RenderJob] = []
+
+    for jname, job in spec.jobs.items():
+        axes = list(job.sweep.items())
+        combos = [dict(zip([a for a, _ in axes], values)) for values in itertools.product(*[v for _, v in axes])]
+        for cname in job.characters or [None]:
+            character = spec.characters[cname] if cname else None
+            for sname in job.scenes:
+                scene = spec.scenes[sname]
+                variables = prompt_variables(cname, character.description if character else "",
+                                             character.trigger_words if character else [], sname)
+                body = render_prompt(scene.prompt, variables)
+                negative = job.negative_prompt if job.negative_prompt is not None else (
+                    scene.negative_prompt if scene.negative_prompt is not None else spec.defaults.negative_prompt)
+
+                stack: dict[str, float | None] = {}
+                if job.use_loras:
+                    for use in [*(character.loras if character else []), *scene.loras, *job.loras]:
+                        # first mention fixes the order; a later explicit weight replaces the earlier one
+                        if use.weight is not None or use.name not in stack:
+                            stack[use.name] = use.weight
+                controls = list(scene.controls) if job.use_controls else []
+
+                for pname in job.presets or [scene.preset or spec.defaults.preset]:
+                    settings = dict(presets[pname])
+                    if spec.defaults.scheduler:
+                        settings["scheduler"] = spec.defaults.scheduler
+                    if scene.width:
+                        settings["width"] = scene.width
+                    if scene.height:
+                        settings["height"] = scene.height
+                    for key in ("guidance_scale", "num_inference_steps", "scheduler"):
+                        if getattr(job, key) is not None:
+                            settings[key] = getattr(job, key)
+
+                    for combo in combos:
+                        values = dict(settings)
+                        weights = dict(stack)
+                        control_scales: dict[str, float] = {}
+                        for axis, value in combo.items():
+                            parts = axis.split(".")
+                            if parts[0] == "loras":
+                                weights[parts[1]] = value
+                            elif parts[0] == "controls":
+                                control_scales[parts[1]] = value
+                            else:
+                                values[axis] = value
+                        loras = tuple(
+                            ResolvedLora(name=name, path=spec.loras[name].path, digest=digests[spec.loras[name].path],
+                                         weight=float(spec.loras[name].weight if w is None else w),
+                                         kind=spec.loras[name].kind)
+                            for name, w in weights.items()
+                        )
+                        resolved_controls = tuple(
+                            _control(c, control_scales.get(c.type), spec, digests) for c in controls
+                        )
+                        missing = [w for lora in loras for w in spec.loras[lora.name].trigger_words
+                                   if not _has_word(body, w)]
+                        prompt = ", ".join(dict.fromkeys([*missing, body]))
+                        if spec.defaults.style:
+                            prompt = f"{prompt}, {spec.defaults.style}"
+                        prompt = " ".join(prompt.split())
+
+                        for seed in seed_list(job.seeds):
+                            for image_index in range(job.images_per_seed):
+                                stem = f"{jname}/{cname or NO_CHARACTER}/{sname}/{pname}/seed-{seed}"
+                                if job.images_per_seed > 1:
+                                    stem += f"-i{image_index}"
+                                suffix = _sweep_suffix(combo)
+                                for candidate in range(job.best_of):
+                                    name = stem + (f"-c{candidate}" if job.best_of > 1 else "") + suffix
+                                    draft = RenderJob.model_construct(
+                                        key="", name=name, job=jname, character=cname, scene=sname, preset=pname,
+                                        prompt=prompt, negative_prompt=" ".join(negative.split()),
+                                        seed=derive_seed(seed, image_index, candidate),
+                                        width=int(values["width"]), height=int(values["height"]),
+                                        num_inference_steps=int(values["num_inference_steps"]),
+                                        guidance_scale=float(values["guidance_scale"]),
+                                        scheduler=values["scheduler"], dtype=dtype, base_model=base_model,
+                                        loras=loras, controls=resolved_controls,
+                                        sweep={a: v for a, v in combo.items()},
+                                        best_of_group=(stem + suffix) if job.best_of > 1 else None,
+                                        candidate=candidate,
+                                    )
+                                    jobs.append(draft.model_copy(update={"key": job_key(draft)}))
+    return jobs
+
+
+def _control(control, scale: float | None, spec: Spec, digests: dict[str, str]) -> ResolvedControl:
+    model = control.model or spec.defaults.controlnets.get(control.type) or BuiltinModel(name="tiny-controlnet")
+    params: dict = {}
+    if control.type == "canny":
+        params = {"low_threshold": control.low_threshold, "high_threshold": control.high_threshold}
+    return ResolvedControl(
+        type=control.type,
+        image=control.image,
+        image_digest=digests[control.image],
+        scale=float(control.scale if scale is None else scale),
+        preprocess=control.preprocess,
+        model=_model(model, digests),
+        detector=(getattr(control, "detector", "canny") if control.preprocess else "none"),
+        detector_params=params if control.preprocess else {},
+        annotator_dir=control.annotator or spec.defaults.annotators,
+    )
+
+
+# --- the edge: files, digests ---------------------------------------------------------------
+
+
+def file_digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(DIGEST_CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def folder_digest(path: Path) -> str:
+    """Digest of a diffusers folder: every file's relative path and content."""
+    sha = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)):
+        sha.update(file.relative_to(path).as_posix().encode() + b"\0" + file_digest(file).encode() + b"\n")
+    return sha.hexdigest()
+
+
+def referenced_files(spec: Spec) -> set[str]:
+    """Every root-relative path whose bytes change pixels."""
+    paths: set[str] = {lora.path for lora in spec.loras.values()}
+    models = [spec.defaults.base_model, *spec.defaults.controlnets.values()]
+    for scene in spec.scenes.values():
+        for control in scene.controls:
+            paths.add(control.image)
+            if control.model is not None:
+                models.append(control.model)
+    for model in models:
+        if isinstance(model, (DiffusersFolder, SingleFile)):
+            paths.add(model.path)
+    return paths
+
+
+def compute_digests(spec: Spec, root: Path) -> dict[str, str]:
+    out = {}
+    for rel in sorted(referenced_files(spec)):
+        path = root / rel
+        out[rel] = folder_digest(path) if path.is_dir() else file_digest(path)
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: Spec
+    jobs: list[RenderJob]
+    root: Path
+    spec_files: list[Path]  # relative to root (main file first, then includes)
+    characters: dict[str, dict] = field(default_factory=dict)
+    performance: dict = field(default_factory=dict)
+    scoring: dict = field(default_factory=dict)
+
+    @property
+    def max_lora_rank(self) -> int | None:
+        ranks = [lora.rank for lora in self.spec.loras.values() if lora.rank]
+        return max(ranks) if ranks else None
+
+
+def character_info(spec: Spec, root: Path) -> dict[str, dict]:
+    info = {}
+    for name, character in spec.characters.items():
+        references = [p.relative_to(root).as_posix() for pattern in character.references
+                      for p in glob_matches(str(root / pattern))]
+        info[name] = {
+            "description": character.description,
+            "trigger_words": list(character.trigger_words),
+            "references": list(dict.fromkeys(references)),
+            "threshold": character.threshold,
+            "min_pass_rate": character.min_pass_rate,
+        }
+    return info
+
+
+def load_plan(spec_paths: list[Path] | Path, overrides: list[str] = (), root: Path | None = None,
+              only: str | None = None) -> Plan:
+    """Files → validated spec → digests → jobs. Raises SpecErrors."""
+    loaded = load_spec(spec_paths, overrides, root)
+    digests = compute_digests(loaded.spec, loaded.root)
+    jobs = expand(loaded.spec, digests)
+    if only:
+        import fnmatch
+
+        jobs = [j for j in jobs if fnmatch.fnmatchcase(j.name, only) or fnmatch.fnmatchcase(j.job, only)]
+    return Plan(
+        spec=loaded.spec,
+        jobs=jobs,
+        root=loaded.root,
+        spec_files=[p.resolve().relative_to(loaded.root) if p.resolve().is_relative_to(loaded.root) else p
+                    for p in loaded.files],
+        characters=character_info(loaded.spec, loaded.root),
+        performance=loaded.spec.performance.model_dump(),
+        scoring=loaded.spec.scoring.model_dump(),
+    )
+
+
+__all__ = ["Plan", "PlanError", "SpecErrors", "compute_digests", "derive_seed", "expand", "job_key", "load_plan"]

@@ -1,0 +1,171 @@
+"""Cross-reference checks on a schema-valid spec: names, presets, templates, job count."""
+
+from __future__ import annotations
+
+import math
+from typing import get_args
+
+from schemas.builtins import CONTROLNET_MODELS
+from schemas.job import SchedulerName
+from schemas.loader import ErrorSink
+from schemas.presets import PresetError, resolve_presets
+from schemas.spec import BuiltinModel, JobMatrix, SeedRange, Spec
+from schemas.templates import PromptTemplateError, prompt_variables, render_prompt
+
+SCHEDULERS = get_args(SchedulerName)
+
+
+def seed_list(seeds: list[int] | SeedRange) -> list[int]:
+    if isinstance(seeds, SeedRange):
+        return list(range(seeds.start, seeds.start + seeds.count))
+    return list(seeds)
+
+
+def job_axes(job: JobMatrix, default_presets: int = 1) -> dict[str, int]:
+    """Size of every axis of a job matrix, computed without enumerating it."""
+    seeds = job.seeds.count if isinstance(job.seeds, SeedRange) else len(job.seeds)
+    axes = {
+        "characters": max(1, len(job.characters)),
+        "scenes": len(job.scenes),
+        "presets": len(job.presets) or default_presets,
+        "seeds": seeds,
+        "images_per_seed": job.images_per_seed,
+        "best_of": job.best_of,
+    }
+    for axis, values in job.sweep.items():
+        axes[f"sweep {axis}"] = len(values)
+    return axes
+
+
+def count_jobs(spec: Spec) -> dict[str, tuple[int, dict[str, int]]]:
+    return {name: (math.prod(axes.values()), axes) for name, job in spec.jobs.items() for axes in [job_axes(job)]}
+
+
+def job_count_error(spec: Spec) -> tuple[str, str] | None:
+    """(job name, message) when expansion would exceed max_jobs; checked before enumerating."""
+    counts = count_jobs(spec)
+    total = sum(c for c, _ in counts.values())
+    if total <= spec.max_jobs:
+        return None
+    name, (count, axes) = max(counts.items(), key=lambda kv: kv[1][0])
+    sizes = " × ".join(f"{axis} {size}" for axis, size in axes.items() if size != 1 or axis in ("scenes", "seeds"))
+    return name, (
+        f"the spec expands to {total:,} jobs, over max_jobs {spec.max_jobs:,}; "
+        f"job `{name}` alone has {count:,} ({sizes}). Shrink an axis or raise `max_jobs`"
+    )
+
+
+def check_references(spec: Spec, sink: ErrorSink) -> None:
+    def unknown(kind: str, name: str, known) -> str:
+        known = sorted(known)
+        return f"{kind} `{name}` is not defined; known: {', '.join(known) if known else '(none)'}"
+
+    def lora_missing(name: str) -> str:
+        known = ", ".join(sorted(spec.loras)) or "(the registry is empty)"
+        return f"LoRA `{name}` is not in the registry; known: {known}"
+
+    # 1. presets
+    try:
+        presets = resolve_presets(spec)
+    except PresetError as exc:
+        own = spec.presets.get(exc.name)
+        sink.add(("presets", exc.name, "extends") if own and own.extends else ("presets", exc.name), str(exc))
+        presets = {}
+    if presets and spec.defaults.preset not in presets:
+        sink.add(("defaults", "preset"), unknown("preset", spec.defaults.preset, presets))
+
+    # 2. LoRA references
+    for cname, character in spec.characters.items():
+        for i, use in enumerate(character.loras):
+            if use.name not in spec.loras:
+                sink.add(("characters", cname, "loras", i), lora_missing(use.name))
+
+    base_is_builtin = isinstance(spec.defaults.base_model, BuiltinModel)
+    for sname, scene in spec.scenes.items():
+        for i, use in enumerate(scene.loras):
+            if use.name not in spec.loras:
+                sink.add(("scenes", sname, "loras", i), lora_missing(use.name))
+        if scene.preset is not None and presets and scene.preset not in presets:
+            sink.add(("scenes", sname, "preset"), unknown("preset", scene.preset, presets))
+        for i, control in enumerate(scene.controls):
+            model = control.model or spec.defaults.controlnets.get(control.type)
+            if isinstance(model, BuiltinModel) and model.name not in CONTROLNET_MODELS:
+                sink.add(("scenes", sname, "controls", i, "model"),
+                         f"unknown built-in ControlNet `builtin:{model.name}`; known: builtin:tiny-controlnet")
+            if model is None and not base_is_builtin:
+                sink.add(("scenes", sname, "controls", i),
+                         f"no ControlNet model for `{control.type}` controls; set `model:` here or `defaults.controlnets.{control.type}`")
+
+    # 3. jobs
+    for jname, job in spec.jobs.items():
+        for i, cname in enumerate(job.characters):
+            if cname not in spec.characters:
+                sink.add(("jobs", jname, "characters", i), unknown("character", cname, spec.characters))
+        for i, sname in enumerate(job.scenes):
+            if sname not in spec.scenes:
+                sink.add(("jobs", jname, "scenes", i), unknown("scene", sname, spec.scenes))
+        for i, pname in enumerate(job.presets):
+            if presets and pname not in presets:
+                sink.add(("jobs", jname, "presets", i), unknown("preset", pname, presets))
+        for i, use in enumerate(job.loras):
+            if use.name not in spec.loras:
+                sink.add(("jobs", jname, "loras", i), lora_missing(use.name))
+        for axis, values in job.sweep.items():
+            loc = ("jobs", jname, "sweep", axis)
+            parts = axis.split(".")
+            if parts[0] == "loras" and parts[1] not in spec.loras:
+                sink.add(loc, lora_missing(parts[1]))
+            elif parts[0] == "controls":
+                types = {c.type for s in job.scenes if s in spec.scenes for c in spec.scenes[s].controls}
+                if parts[1] not in types:
+                    sink.add(loc, f"no scene of job `{jname}` has a `{parts[1]}` control to sweep")
+            for j, value in enumerate(values):
+                problem = _sweep_value_problem(parts[0] if parts[0] in ("loras", "controls") else axis, value)
+                if problem:
+                    sink.add(loc + (j,), problem)
+
+    # 4. job-count guard, before anything enumerates
+    too_many = job_count_error(spec)
+    if too_many:
+        sink.add(("jobs", too_many[0]), too_many[1])
+        return
+
+    # 5. templates: render each scene with each character it is used with
+    rendered: set[tuple[str, str | None]] = set()
+    for job in spec.jobs.values():
+        for sname in job.scenes:
+            for cname in job.characters or [None]:
+                if (sname, cname) in rendered or sname not in spec.scenes or (cname and cname not in spec.characters):
+                    continue
+                rendered.add((sname, cname))
+                character = spec.characters.get(cname) if cname else None
+                variables = prompt_variables(cname, character.description if character else "",
+                                             character.trigger_words if character else [], sname)
+                try:
+                    render_prompt(spec.scenes[sname].prompt, variables)
+                except PromptTemplateError as exc:
+                    sink.add(("scenes", sname, "prompt"), str(exc) + (f" (with character `{cname}`)" if cname else ""))
+    for sname, scene in spec.scenes.items():
+        if not any(sname == s for s, _ in rendered):
+            try:  # unused scenes still get a syntax and sandbox check
+                render_prompt(scene.prompt, prompt_variables("", "", [], sname))
+            except PromptTemplateError as exc:
+                sink.add(("scenes", sname, "prompt"), str(exc))
+
+
+def _sweep_value_problem(axis: str, value) -> str | None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if axis == "scheduler":
+        return None if value in SCHEDULERS else f"unknown scheduler {value!r}; known: {', '.join(SCHEDULERS)}"
+    if axis in ("num_inference_steps",):
+        return None if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 500 else f"steps must be an integer 1..500, got {value!r}"
+    if axis in ("width", "height"):
+        ok = isinstance(value, int) and not isinstance(value, bool) and 16 <= value <= 4096 and value % 8 == 0
+        return None if ok else f"{axis} must be a multiple of 8 in 16..4096, got {value!r}"
+    if axis == "guidance_scale":
+        return None if number and 0 <= value <= 50 else f"guidance_scale must be a number 0..50, got {value!r}"
+    if axis == "loras":
+        return None if number and -4 <= value <= 4 else f"LoRA weight must be a number -4..4, got {value!r}"
+    if axis == "controls":
+        return None if number and 0 <= value <= 4 else f"control scale must be a number 0..4, got {value!r}"
+    return None
