@@ -75,7 +75,7 @@ def _format_value(value) -> str:
 
 def _sweep_suffix(combo: dict) -> str:
     parts = []
-    for axis, value in combo.items():
+    for axis, value in sorted(combo.items()):  # sorted: reordering sweep keys keeps names
         pieces = axis.split(".")
         short = pieces[1] if pieces[0] in ("loras", "controls") else SWEEP_SHORT[axis]
         parts.append(f"{short}={_format_value(value)}")
@@ -158,8 +158,9 @@ def expand(spec: Spec, digests: dict[str, str]) -> list[RenderJob]:
                         resolved_controls = tuple(
                             _control(c, control_scales.get(c.type), spec, digests) for c in controls
                         )
-                        missing = [w for lora in loras for w in spec.loras[lora.name].trigger_words
-                                   if not _has_word(body, w)]
+                        # sorted by LoRA name: stack order must not change the prompt (nor the pixels)
+                        missing = [w for lora in sorted(loras, key=lambda l: l.name)
+                                   for w in spec.loras[lora.name].trigger_words if not _has_word(body, w)]
                         prompt = ", ".join(dict.fromkeys([*missing, body]))
                         if spec.defaults.style:
                             prompt = f"{prompt}, {spec.defaults.style}"

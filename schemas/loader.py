@@ -379,7 +379,9 @@ def validation_errors(exc: ValidationError, data: Any, model_cls: type[BaseModel
             value = err.get("input")
             if isinstance(value, (str, int, float, bool)) and kind != "value_error" and repr(value) not in msg:
                 msg += f" (got {value!r})"
-            sink.add(loc, msg[0].lower() + msg[1:] if msg else kind)
+            if kind != "value_error" and msg:  # pydantic's own sentences; ours are already lower-case where they should be
+                msg = msg[0].lower() + msg[1:]
+            sink.add(loc, msg or kind)
 
 
 def validate_model(model_cls: type[BaseModel], data: Any, sink: ErrorSink) -> BaseModel | None:

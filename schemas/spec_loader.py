@@ -17,6 +17,7 @@ from schemas.loader import (
     SpecError,
     SpecErrors,
     display_path,
+    format_loc,
     find_project_root,
     glob_matches,
     parse_yaml,
@@ -100,16 +101,20 @@ def _read_tree(path: Path, root: Path, sources: SourceMap, sink: ErrorSink, file
 
 def _merge_file(data: dict, value: str | Path, at: Loc, root: Path, sources: SourceMap, sink: ErrorSink,
                 files: list[Path], stack: tuple[Path, ...], base: Path | None = None) -> None:
+    def error_here(message: str) -> None:  # located in the including file, not the main one
+        src = sources.locate(at)
+        sink.errors.append(SpecError(src.file, src.line, src.col, format_loc(at), message))
+
     target, error = resolve_inside_root(str(value), base or Path.cwd(), root)
     if error:
-        sink.add(at, error)
+        error_here(error)
         return
     if target in stack:
         chain = " -> ".join(display_path(p, root) for p in (*stack, target))
-        sink.add(at, f"include cycle: {chain}")
+        error_here(f"include cycle: {chain}")
         return
     if not target.is_file():
-        sink.add(at, f"included file {value!r} not found")
+        error_here(f"included file {value!r} not found")
         return
     sub_sources = SourceMap()
     try:
