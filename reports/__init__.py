@@ -1,0 +1,28 @@
+"""Reports: consistency scores, benchmark trends, run diffs, as self-contained HTML + results.json.
+
+Entry point: `write_reports(run_dir)`; called at the end of `castbook render` and by
+`castbook report RUN_DIR`. Never touches the GPU render pipeline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_reports(run_dir: Path) -> dict[str, Path]:
+    """Score a run and write report.html, consistency.html, benchmark.html, diff.html,
+    results.json and selection.json into it (atomic writes). Returns {name: path}."""
+    from reports import atomic  # noqa: PLC0415 - keep `import reports` light for the CLI
+    from reports.analysis import analyze  # noqa: PLC0415
+    from reports.pages import render_pages  # noqa: PLC0415
+
+    a = analyze(Path(run_dir))
+    out = {"results": atomic.write_json(a.run.path / "results.json", a.results),
+           "selection": atomic.write_json(a.run.path / "selection.json",
+                                          {"schema_version": a.results["schema_version"],
+                                           "run_id": a.run.run_id, "groups": a.results["selection"]})}
+    out.update(render_pages(a))
+    return out
+
+
+__all__ = ["write_reports"]

@@ -311,7 +311,7 @@ class Performance(Strict):
 class Scoring(Strict):
     model: str = Field(default="builtin:tiny-clip", description="builtin:tiny-clip or an open_clip model name.")
     weights: str | None = Field(default=None, description="Local .safetensors weights for `model`.")
-    dino_weights: str | None = None
+    dino: str | None = Field(default=None, description="Local DINOv2 folder (config.json + model.safetensors): adds a DINO identity score.")
 
     @model_validator(mode="after")
     def _weights_for_named_models(self) -> "Scoring":

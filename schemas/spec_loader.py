@@ -235,9 +235,10 @@ def _path_fields(data: dict) -> Iterator[tuple[Loc, str]]:
                 if get(control, "model") is not None:
                     yield from _model_fields(base + ("model",), control["model"])
     scoring = get(data, "scoring")
-    for key in ("weights", "dino_weights"):
-        if isinstance(get(scoring, key), str):
-            yield ("scoring", key), "file"
+    if isinstance(get(scoring, "weights"), str):
+        yield ("scoring", "weights"), "file"
+    if isinstance(get(scoring, "dino"), str):
+        yield ("scoring", "dino"), "dir"
 
 
 def _model_fields(loc: Loc, value: Any) -> Iterator[tuple[Loc, str]]:
