@@ -1,16 +1,17 @@
 """Shared fixtures. Offline always: no test may reach a model hub."""
 
 import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-
-from pathlib import Path
+# Built-in models are built once per checkout into a git-ignored folder, not the user's ~/.cache.
+os.environ.setdefault("CASTBOOK_HOME", str(REPO / ".castbook-cache"))
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
