@@ -1,0 +1,47 @@
+"""castbook dataset prepare: de-duplicate, filter and bucket-crop a folder of training images."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "dataset", help="prepare training images (dedupe, quality filter, caption audit, bucket crops)",
+        description="Prepare training images.\n\nExample:\n  castbook dataset prepare raw/luca --out data/luca --trigger lucaxyz",
+    )
+    sub = p.add_subparsers(dest="dataset_command", metavar="{prepare}")
+    sub.required = True
+    g = sub.add_parser("prepare", help="write a cleaned copy of DIR to --out, with prepare.json and prepare.html")
+    g.add_argument("dir", type=Path, help="input folder of images with same-name .txt captions (never modified)")
+    g.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
+    g.add_argument("--trigger", default=None, help="trigger word every caption should contain")
+    g.add_argument("--min-size", type=int, default=256, help="drop images whose shorter side is smaller (default 256)")
+    g.add_argument("--blur-threshold", type=float, default=100.0,
+                   help="drop images whose Laplacian variance is lower (default 100)")
+    g.add_argument("--max-aspect", type=float, default=3.0, help="drop images with a longer/shorter side ratio above this")
+    g.add_argument("--phash-distance", type=int, default=6, help="dHash Hamming distance for near duplicates (default 6)")
+    g.add_argument("--resolution", type=int, default=1024, help="bucket resolution (default 1024)")
+    g.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this (default 64)")
+    g.add_argument("--poses", action="store_true", help="OpenPose clustering (not implemented yet)")
+    g.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from trainer.prepare import PrepareError, PrepareOptions, prepare_dataset, prepare_poses
+
+    try:
+        if args.poses:
+            prepare_poses()
+        summary = prepare_dataset(args.dir, args.out, PrepareOptions(
+            trigger=args.trigger, min_size=args.min_size, blur_threshold=args.blur_threshold,
+            max_aspect=args.max_aspect, phash_distance=args.phash_distance, resolution=args.resolution,
+            bucket_step=args.bucket_step))
+    except PrepareError as exc:
+        print(f"castbook dataset prepare: {exc}", file=sys.stderr)
+        return 2
+    c = summary["counts"]
+    print(f"kept {c['kept']}, dropped {c['dropped']} of {c['images']} images; "
+          f"{c['caption_warnings']} caption warnings; report: {Path(summary['output']) / 'prepare.html'}")
+    return 0

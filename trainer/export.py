@@ -1,0 +1,150 @@
+"""Writing the trained LoRA: diffusers/peft format, kohya format, and the registry entry.
+
+The diffusers file is produced by diffusers' own `save_lora_weights` (so
+`pipe.load_lora_weights` reads it), then re-written atomically with castbook's
+training metadata added to the safetensors header.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from renderer.outputs import atomic_write_bytes, atomic_write_text
+
+REGISTRY_SECTION = "loras"
+
+
+def _with_metadata(src: Path, dst: Path, extra: dict[str, str]) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.update(extra)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(dst, save(tensors, metadata=meta))
+
+
+def save_diffusers_lora(trainer, dst: Path, layers: dict[str, dict], metadata: dict[str, str]) -> Path:
+    """`layers` = {"unet": ..., "text_encoder": ..., "text_encoder_2": ...} in diffusers format."""
+    from diffusers import StableDiffusionXLPipeline
+
+    configs = trainer.adapter_configs()
+    tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=dst.parent if dst.parent.exists() else None))
+    try:
+        StableDiffusionXLPipeline.save_lora_weights(
+            tmp,
+            unet_lora_layers=layers["unet"],
+            text_encoder_lora_layers=layers.get("text_encoder"),
+            text_encoder_2_lora_layers=layers.get("text_encoder_2"),
+            unet_lora_adapter_metadata=configs.get("unet"),
+            text_encoder_lora_adapter_metadata=configs.get("text_encoder"),
+            text_encoder_2_lora_adapter_metadata=configs.get("text_encoder_2"),
+            weight_name="lora.safetensors",
+        )
+        _with_metadata(tmp / "lora.safetensors", dst, metadata)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def to_kohya(src: Path, dst: Path, alpha: float, te_alpha: float, extra: dict[str, str]) -> Path:
+    """Convert a diffusers-format LoRA file to kohya format (`lora_unet_...lora_down.weight` + `.alpha`)."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+    import torch
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    with safe_open(str(src), framework="pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    # `convert_state_dict_to_diffusers` writes `.lora.down/.lora.up`; kohya conversion wants peft's names.
+    sd = {k.replace(".lora.down.", ".lora_A.").replace(".lora.up.", ".lora_B."): v for k, v in sd.items()}
+    kohya = convert_state_dict_to_kohya(sd)
+    # diffusers writes alpha = rank; the trained scale is alpha / rank, so store the real alpha.
+    for k in list(kohya):
+        if k.endswith(".alpha"):
+            kohya[k] = torch.tensor(float(te_alpha if k.startswith("lora_te") else alpha))
+    meta = {"ss_network_module": "networks.lora", "ss_network_alpha": str(alpha), **extra}
+    if "castbook.rank" in extra:
+        meta["ss_network_dim"] = extra["castbook.rank"]
+    atomic_write_bytes(dst, save({k: v.contiguous() for k, v in kohya.items()}, metadata=meta))
+    return dst
+
+
+def register_lora(registry: Path, name: str, entry: dict) -> None:
+    """Add or replace `loras.<name>` in a registry YAML, keeping its comments and key order.
+
+    ruamel round-trip mode edits the document in place; other entries, comments and
+    ordering are untouched. The write is atomic.
+    """
+    from io import StringIO
+
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedMap
+
+    yaml = YAML(typ="rt")
+    yaml.preserve_quotes = True
+    doc = yaml.load(registry.read_text(encoding="utf-8")) if registry.exists() else None
+    if doc is None:
+        doc = CommentedMap()
+    if not isinstance(doc, dict):
+        raise ValueError(f"registry {registry} is not a YAML mapping; expected a top-level `loras:` section")
+    section = doc.get(REGISTRY_SECTION)
+    if section is None:
+        section = CommentedMap()
+        doc[REGISTRY_SECTION] = section
+    if not isinstance(section, dict):
+        raise ValueError(f"registry {registry}: `{REGISTRY_SECTION}:` is not a mapping of name -> entry")
+    value = CommentedMap(entry)
+    if name in section:
+        section[name] = value  # replaced in place: keeps its position
+    else:
+        section[name] = value
+    buf = StringIO()
+    yaml.dump(doc, buf)
+    atomic_write_bytes(registry, buf.getvalue().encode("utf-8"))
+
+
+def finish(trainer, result) -> None:
+    """Write the final LoRA (best or last), kohya on request, and the registry entry."""
+    from trainer.checkpoint import list_checkpoints
+    from trainer.train import CHECKPOINT_PREFIX
+
+    spec, paths = trainer.spec, trainer.paths
+    best = None
+    if spec.evaluation.select_best == "clip_i" and trainer.clip_i:
+        best = max(trainer.clip_i, key=lambda s: (trainer.clip_i[s], s))
+    if best is not None:
+        src = paths.samples / f"{CHECKPOINT_PREFIX}{best:06d}" / "lora.safetensors"
+    else:
+        src = list_checkpoints(paths.checkpoints)[-1] / "lora.safetensors"
+    meta = trainer.header_metadata()
+    meta["castbook.steps"] = str(best if best is not None else trainer.step)
+    meta["castbook.selected"] = f"clip_i best (step {best})" if best is not None else "last"
+    result.best_step = best
+    if spec.output.format in ("diffusers", "both"):
+        _with_metadata(src, paths.lora_file, meta)
+        result.lora_file = paths.lora_file
+    if spec.output.format in ("kohya", "both"):
+        te_rank = spec.lora.text_encoder_rank or spec.lora.rank
+        to_kohya(src, paths.kohya_file, spec.lora.alpha, spec.lora.alpha * te_rank / spec.lora.rank, meta)
+        result.kohya_file = paths.kohya_file
+    if spec.output.registry:
+        registry = trainer.root / spec.output.registry
+        main = result.lora_file or result.kohya_file
+        entry = {
+            "path": main.relative_to(trainer.root).as_posix() if main.is_relative_to(trainer.root) else str(main),
+            "kind": spec.kind,
+            "trigger_words": [spec.dataset.trigger] if spec.dataset.trigger else [],
+            "rank": spec.lora.rank,
+            "notes": f"trained by castbook: {meta['castbook.steps']} steps, spec {trainer.prep.spec_hash[:12]}",
+        }
+        register_lora(registry, spec.output.name, entry)
+    atomic_write_text(paths.run_dir / "training.json", json.dumps({
+        "steps": trainer.step, "losses": trainer.losses, "clip_i": trainer.clip_i, "best_step": best,
+        "metadata": meta, "notes": trainer.notes,
+    }, indent=1))
