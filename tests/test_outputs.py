@@ -1,0 +1,171 @@
+"""renderer.outputs: atomic writes, PNG metadata, ledger, lock, cache (no torch needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from renderer import outputs
+from renderer.outputs import (
+    ImageCache,
+    RootLock,
+    RunLocked,
+    append_jsonl,
+    atomic_write_bytes,
+    encode_png,
+    format_parameters,
+    new_run_dir,
+    parse_parameters,
+    read_castbook_chunk,
+    read_jsonl,
+    read_png_text,
+    split_lora_tags,
+)
+from runner_helpers import make_job
+from schemas.job import ResolvedLora
+
+LORA = ResolvedLora(name="luca", path="loras/luca.safetensors", digest="ab" * 32, weight=0.8, kind="character")
+STYLE = ResolvedLora(name="ink", path="loras/ink.safetensors", digest="cd" * 32, weight=1.0, kind="style")
+
+
+def test_parameters_round_trip_prompt_seed_steps_cfg_size():
+    job = make_job(seed=1234, steps=3, size=64, loras=(LORA, STYLE))
+    text = format_parameters(job)
+    lines = text.split("\n")
+    assert lines[0] == f"{job.prompt} <lora:luca:0.8> <lora:ink:1>"
+    assert lines[1] == "Negative prompt: blurry, lowres"
+    p = parse_parameters(text)
+    prompt, loras = split_lora_tags(p["Prompt"])
+    assert prompt == job.prompt
+    assert loras == [("luca", 0.8), ("ink", 1.0)]
+    assert p["Negative prompt"] == job.negative_prompt
+    assert int(p["Seed"]) == 1234
+    assert int(p["Steps"]) == 3
+    assert float(p["CFG scale"]) == job.guidance_scale
+    assert p["Size"] == "64x64"
+    assert p["Sampler"] == "Euler a"
+    assert p["Model"] == "builtin:tiny-sdxl"  # quoted in the text (it has a colon), unquoted here
+    assert len(p["Model hash"]) == 10
+    assert p["Lora hashes"] == f"luca: {'ab' * 5}, ink: {'cd' * 5}"
+    assert p["castbook"] == "0.1.0"
+
+
+@pytest.mark.parametrize(
+    "scheduler,name",
+    [("euler", "Euler"), ("dpmpp_2m", "DPM++ 2M"), ("dpmpp_2m_karras", "DPM++ 2M Karras"),
+     ("ddim", "DDIM"), ("unipc", "UniPC")],
+)
+def test_sampler_names_as_a1111_writes_them(scheduler, name):
+    assert parse_parameters(format_parameters(make_job(scheduler=scheduler)))["Sampler"] == name
+
+
+def test_prompt_with_commas_and_colons_survives():
+    job = make_job(prompt="luca, 1boy: smiling, (red scarf:1.2)")
+    p = parse_parameters(format_parameters(job))
+    assert p["Prompt"] == job.prompt
+    assert "Lora hashes" not in p
+
+
+def test_png_carries_parameters_and_castbook_chunks():
+    job = make_job(loras=(LORA,))
+    env = {"castbook": "0.1.0", "torch": "2.14.1", "diffusers": "0.42.1", "device": "cpu", "dtype": "fp32"}
+    png = encode_png(Image.new("RGB", (64, 64), (10, 20, 30)), job, env)
+    text = read_png_text(png)
+    assert parse_parameters(text["parameters"])["Seed"] == str(job.seed)
+    meta = read_castbook_chunk(png)
+    assert meta["key"] == job.key
+    assert meta["job"] == job.model_dump(mode="json")
+    assert meta["lora_digests"] == {"luca": LORA.digest}
+    assert meta["environment"] == env
+    # Deterministic bytes: reproduce compares them.
+    assert encode_png(Image.new("RGB", (64, 64), (10, 20, 30)), job, env) == png
+
+
+def test_read_castbook_chunk_on_foreign_png_names_the_problem(tmp_path):
+    p = tmp_path / "a.png"
+    Image.new("RGB", (4, 4)).save(p)
+    with pytest.raises(ValueError, match="no 'castbook' metadata"):
+        read_castbook_chunk(p)
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "d" / "f.bin"
+    atomic_write_bytes(target, b"one")
+    atomic_write_bytes(target, b"two")
+    assert target.read_bytes() == b"two"
+    assert sorted(os.listdir(target.parent)) == ["f.bin"]
+
+
+def test_ledger_tolerates_torn_last_line_and_appends_after_it(tmp_path):
+    m = tmp_path / "manifest.jsonl"
+    append_jsonl(m, {"key": "a"})
+    append_jsonl(m, {"key": "b"})
+    with open(m, "a") as f:
+        f.write('{"key": "c", "sta')  # kill -9 mid-write
+    assert [r["key"] for r in read_jsonl(m)] == ["a", "b"]
+    append_jsonl(m, {"key": "d"})
+    assert [r["key"] for r in read_jsonl(m)] == ["a", "b", "d"]
+
+
+def test_second_lock_is_refused_naming_the_holder(tmp_path):
+    with RootLock(tmp_path):
+        code = (
+            "import sys; from renderer.outputs import RootLock, RunLocked\n"
+            f"try:\n    RootLock({str(tmp_path)!r}).acquire()\nexcept RunLocked as e:\n"
+            "    print(e); sys.exit(2)\n"
+        )
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert r.returncode == 2, r.stderr
+        assert f"process {os.getpid()}" in r.stdout
+    RootLock(tmp_path).acquire().release()  # free again after release
+
+
+def test_lock_in_same_process_is_refused(tmp_path):
+    with RootLock(tmp_path):
+        with pytest.raises(RunLocked, match=str(os.getpid())):
+            RootLock(tmp_path).acquire()
+
+
+def test_cache_entry_and_control_maps(tmp_path):
+    cache = ImageCache(tmp_path)
+    assert not cache.has("k")
+    cache.put_control("ab-canny.png", b"ctl")
+    cache.put("k", b"png", ["ab-canny.png"])
+    assert cache.has("k") and cache.png("k").read_bytes() == b"png"
+    assert cache.control_maps("k") == ["ab-canny.png"]
+    with pytest.raises(ValueError, match="plain file name"):
+        cache.put_control("../x.png", b"")
+
+
+def test_link_or_copy_shares_the_inode(tmp_path):
+    src = tmp_path / "a.png"
+    src.write_bytes(b"x")
+    dst = tmp_path / "run" / "images" / "b.png"
+    outputs.link_or_copy(src, dst)
+    outputs.link_or_copy(src, dst)  # idempotent
+    assert dst.read_bytes() == b"x" and os.stat(dst).st_ino == os.stat(src).st_ino
+
+
+def test_run_dirs_never_collide(tmp_path):
+    a = new_run_dir(tmp_path, "luca")
+    b = new_run_dir(tmp_path, "luca")
+    assert a != b and a.name.endswith("-luca") and b.is_dir()
+
+
+def test_image_path_rejects_escape():
+    job = make_job().model_copy(update={"name": "main/../../etc/x"})
+    with pytest.raises(ValueError, match="not a safe relative path"):
+        outputs.image_relpath(job)
+
+
+def test_outputs_module_does_not_import_torch():
+    r = subprocess.run(
+        [sys.executable, "-c", "import sys, renderer.outputs, renderer.runner; print('torch' in sys.modules)"],
+        capture_output=True, text=True,
+    )
+    assert r.stdout.strip() == "False", r.stderr
