@@ -18,38 +18,58 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def validate_file(path: Path, overrides: list[str] = (), root: Path | None = None) -> None:
-    """Raise SpecErrors if `path` is invalid. Training specs (a top-level `dataset`) use their own schema."""
-    from schemas.loader import read_yaml_file
+def _training_schema():
+    from schemas.training import TrainingSpec
 
-    if _is_training_spec(path):
-        from schemas.loader import load_yaml_model
-        from schemas.training import TrainingSpec
+    return TrainingSpec
 
-        load_yaml_model(path, TrainingSpec, root)
-        return
+
+def _toy_base_schema():
+    from trainer.from_scratch import ToyBaseSpec
+
+    return ToyBaseSpec
+
+
+def _toy_clip_schema():
+    from trainer.toy_clip import ToyClipSpec
+
+    return ToyClipSpec
+
+
+# Which schema a YAML file is checked against, by the top-level keys that only it has.
+# Render specs are the default; the others are recipes for `castbook train` / `castbook toymodel`.
+SPEC_KINDS = (
+    ("training spec", lambda keys: "dataset" in keys and "jobs" not in keys, _training_schema),
+    ("toy base-model recipe", lambda keys: {"vae", "unet"} <= keys, _toy_base_schema),
+    ("toy CLIP recipe", lambda keys: {"data", "train", "output"} <= keys and "dataset" not in keys, _toy_clip_schema),
+)
+
+
+def validate_file(path: Path, overrides: list[str] = (), root: Path | None = None) -> str:
+    """Raise SpecErrors if `path` is invalid; return what kind of spec it is."""
+    from schemas.loader import load_yaml_model, parse_yaml
+
+    try:
+        data, _ = parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    except Exception:  # unreadable or broken YAML: the render-spec loader reports it, located
+        data = None
+    keys = set(data) if isinstance(data, dict) else set()
+    for kind, matches, schema in SPEC_KINDS:
+        if matches(keys):
+            load_yaml_model(path, schema(), root)
+            return kind
     from schemas.spec_loader import load_spec
 
     load_spec([path], overrides, root)
-    del read_yaml_file
-
-
-def _is_training_spec(path: Path) -> bool:
-    try:
-        from schemas.loader import parse_yaml
-
-        data, _ = parse_yaml(path.read_text(encoding="utf-8"), str(path))
-    except Exception:
-        return False
-    return isinstance(data, dict) and "dataset" in data and "jobs" not in data
+    return "render spec"
 
 
 def run(args) -> int:
     failed = 0
     for path in args.paths:
         try:
-            validate_file(path, args.overrides, args.root)
-            print(f"ok  {path}")
+            kind = validate_file(path, args.overrides, args.root)
+            print(f"ok  {path} ({kind})")
         except SpecErrors as exc:
             failed += 1
             print_spec_errors(exc)
