@@ -105,6 +105,7 @@ class RenderActor:
         index: int = 0,
         device: str | None = None,
         dtype: str = "auto",
+        warmup_job: dict | None = None,
     ):
         t0 = time.perf_counter()
         _configure_threads()
@@ -127,16 +128,17 @@ class RenderActor:
                 self.load_error = f"{type(e).__name__}: {e}"
         t2 = time.perf_counter()
         self.startup = {"import_s": t1 - t0, "model_load_s": t2 - t1}
+        # With torch.compile the first render builds the graphs (minutes on SDXL): do it here,
+        # so it is reported as start-up and not counted in any job's seconds.
+        if warmup_job is not None and self.performance.get("compile") and self.load_error is None:
+            try:
+                self.startup["warmup_s"] = self.renderer.warmup(RenderJob.model_validate(warmup_job))
+            except Exception as e:  # the job itself will fail with the message later
+                self.startup["warmup_error"] = f"{type(e).__name__}: {e}"
         self._last_stack: tuple | None = None
 
     def _load_base(self, model: ResolvedModel, dtype: str) -> None:
-        load = getattr(self.renderer, "load_base_model", None)
-        if load is not None:
-            load(model, dtype)
-            return
-        from renderer.models import resolve_dtype
-
-        self.renderer._base_pipe(model, resolve_dtype(dtype, self.renderer.device))
+        self.renderer.load_base_model(model, dtype)
 
     def info(self) -> dict:
         """Where this actor runs and what its start cost (for run.json)."""

@@ -586,13 +586,31 @@ def load_controlnet(model, root: Path, device: str, dtype_label: str):
     return cn.to(device)
 
 
+# torch.compile mode used when the spec asks for `compile: true` without a mode. Autotuned
+# kernels without CUDA graphs: CUDA graphs ("reduce-overhead", "max-autotune") pin input
+# buffers and re-record per shape/LoRA stack, which costs memory and breaks hotswapping.
+DEFAULT_COMPILE_MODE = "max-autotune-no-cudagraphs"
+
+
 def apply_performance(pipe, performance: dict, device: str) -> list[str]:
-    """Apply the spec's `performance:` options; returns the names applied (for logs/metadata)."""
+    """Apply the spec's `performance:` options that are set at load time; returns their names.
+
+    Order matters: the VAE swap and QKV fusion change modules, channels_last changes
+    memory layout; `torch.compile` is NOT applied here but by `compile_pipeline`, after
+    the first job's LoRAs are loaded (see `JobRenderer`), so the first graph already
+    contains the LoRA layers and loading them does not force a recompile.
+    SDPA (`F.scaled_dot_product_attention`) is diffusers' default attention: nothing to set.
+    """
     import torch
 
-    applied = []
+    applied = ["sdpa"]
+    if performance.get("fuse_qkv"):
+        # Changes float summation order (pixels may differ in the last bit); off by default.
+        pipe.fuse_qkv_projections(unet=True, vae=True)
+        applied.append("fuse_qkv")
     if performance.get("channels_last"):
         pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
         applied.append("channels_last")
     if performance.get("vae_tiling"):
         pipe.vae.enable_tiling()
@@ -605,3 +623,45 @@ def apply_performance(pipe, performance: dict, device: str) -> list[str]:
         pipe.enable_model_cpu_offload(device=device)
         applied.append("cpu_offload")
     return applied
+
+
+def compile_module(module, mode: str | None = None, backend: str = "inductor") -> None:
+    """`torch.compile` a module in place (`nn.Module.compile`): it stays the same diffusers
+    class, so peft/diffusers LoRA loading and hotswap keep working on it.
+
+    `mode`: a torch.compile mode (default `DEFAULT_COMPILE_MODE`). `backend="eager"` only
+    traces (cheap; tests use it to count recompiles without building kernels).
+    Compilation itself happens lazily at the first call: run a warm-up job first.
+    """
+    kw = {"mode": mode or DEFAULT_COMPILE_MODE} if backend == "inductor" else {"backend": backend}
+    module.compile(fullgraph=False, **kw)
+
+
+def compile_pipeline(pipe, mode: str | None = None, backend: str = "inductor") -> list[str]:
+    """Compile the UNet and the VAE decoder of `pipe`; returns the names for logs."""
+    compile_module(pipe.unet, mode, backend)
+    compile_module(pipe.vae.decoder, mode, backend)
+    return ["compile_unet", "compile_vae_decode"]
+
+
+def load_vae(ref: str, root: Path, device: str, dtype_label: str):
+    """A replacement VAE from a local diffusers folder or `.safetensors` file (e.g. an fp16-safe
+    SDXL VAE: the stock one overflows in fp16, which diffusers works around by upcasting the
+    decode to fp32 — slower and more memory; an fp16-fixed VAE avoids that)."""
+    from diffusers import AutoencoderKL
+
+    path = Path(root) / ref
+    td = torch_dtype(dtype_label)
+    try:
+        if path.is_dir():
+            check_diffusers_folder(path, "VAE")
+            vae = AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=True, torch_dtype=td)
+        else:
+            check_safetensors_file(path, "VAE")
+            vae = AutoencoderKL.from_single_file(str(path), local_files_only=True, torch_dtype=td)
+    except JobError:
+        raise
+    except Exception as e:
+        raise JobError(f"could not load VAE {ref}: {type(e).__name__}: {e}; give a local diffusers VAE folder "
+                       f"(config.json + diffusion_pytorch_model.safetensors)") from e
+    return vae.to(device)

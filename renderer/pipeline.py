@@ -22,6 +22,9 @@ from renderer.errors import JobError
 from renderer.loras import DEFAULT_MAX_LOADED, LoraManager
 from renderer.models import (
     apply_performance,
+    compile_module,
+    compile_pipeline,
+    load_vae,
     load_base_pipeline,
     load_controlnet,
     make_scheduler,
@@ -58,7 +61,10 @@ class JobRenderer:
         self.root = Path(root).resolve()
         self.performance = dict(performance or {})
         self.device = resolve_device(device)
-        self.loras = LoraManager(self.root, max_loaded=max_loras)
+        # Hotswap only pays off with a compiled UNet (no recompile per LoRA switch).
+        self.loras = LoraManager(self.root, max_loaded=max_loras,
+                                 hotswap=bool(self.performance.get("lora_hotswap")),
+                                 target_rank=self.performance.get("max_lora_rank"))
         self.controls = ControlPreparer(self.root)
         # Test hook: how many renders raise a simulated CUDA OOM (so the fallback runs on CPU).
         self._inject_oom = int(os.environ.get(INJECT_OOM_ENV, "0")) if inject_oom is None else inject_oom
@@ -69,8 +75,11 @@ class JobRenderer:
         self._controlnets: dict[tuple, object] = {}  # (digest, dtype) -> ControlNetModel
         self._control_pipes: dict[tuple, object] = {}  # tuple of controlnet keys -> pipeline
         self._fallback: str | None = None
+        self._compiled = False
+        self.applied: list[str] = []  # performance options in effect (for logs and bench results)
         self.stats: dict = {"model_loads": 0, "lora_loads": self.loras.loads, "controlnet_loads": 0,
-                            "control": self.controls.stats, "oom_fallbacks": 0, "jobs": 0}
+                            "control": self.controls.stats, "oom_fallbacks": 0, "jobs": 0,
+                            "hotswap": self.loras.hotswap_stats, "compiled": False, "warmup_s": None}
 
     # ------------------------------------------------------------------ public
 
@@ -91,6 +100,10 @@ class JobRenderer:
         t = time.perf_counter()
         pipe = self._base_pipe(job.base_model, dtype)
         timings["model_load_s"] = time.perf_counter() - t
+        if job.loras and self.performance.get("fuse_qkv"):
+            raise JobError(f"{job.name}: performance.fuse_qkv cannot be combined with LoRAs (the fused q/k/v "
+                           f"projection bypasses the LoRA layers, so they would silently do nothing); "
+                           f"turn fuse_qkv off for specs with LoRAs")
         # 3. LoRA stack
         lora_info = self.loras.apply(pipe, job.loras, model_ref=job.base_model.ref)
         timings["lora_load_s"] = lora_info["lora_load_s"]
@@ -116,9 +129,11 @@ class JobRenderer:
         else:
             run_pipe = pipe
         timings["control_s"] = time.perf_counter() - t
-        # 5. scheduler, always from the base model's original config
+        # 5. compile once, after the first LoRAs are in (their layers are part of the graph)
+        self._maybe_compile()
+        # 6. scheduler, always from the base model's original config
         run_pipe.scheduler = make_scheduler(job.scheduler, self._base_scheduler_config)
-        # 6. denoise + decode (with one OOM retry on CUDA)
+        # 7. denoise + decode (with one OOM retry on CUDA)
         t = time.perf_counter()
         image = self._denoise(run_pipe, job, kwargs)
         timings["denoise_s"] = time.perf_counter() - t
@@ -135,6 +150,25 @@ class JobRenderer:
             lora_switched=lora_info["lora_switched"],
         )
 
+    def warmup(self, job) -> float:
+        """Render `job` once and discard it: loads models and LoRAs and, with `compile`, builds the
+        compiled graphs (minutes on SDXL), so per-image figures of later jobs exclude it.
+        Returns the seconds taken (also kept in `stats["warmup_s"]`)."""
+        t = time.perf_counter()
+        self.render(job)
+        self.stats["jobs"] -= 1  # not a job of the run
+        seconds = time.perf_counter() - t
+        self.stats["warmup_s"] = seconds
+        return seconds
+
+    def register_controlnet(self, model, controlnet, dtype: str = "auto") -> None:
+        """Use an already-built ControlNet for jobs whose control model is `model` (a
+        `ResolvedModel`), instead of loading it (e.g. a random SDXL ControlNet for benchmarks)."""
+        dtype = resolve_dtype(dtype, self.device)
+        self._controlnets[(model.digest, model.ref, dtype)] = controlnet.to(self.device)
+        if self._compiled:
+            self._compile_module(controlnet)
+
     def load_base_model(self, model, dtype: str = "auto") -> None:
         """Load `model` (a `ResolvedModel`) now, e.g. in an actor's constructor; later jobs reuse it."""
         self._base_pipe(model, resolve_dtype(dtype, self.device))
@@ -147,6 +181,8 @@ class JobRenderer:
         self._control_pipes.clear()
         self.loras.reset()
         self._fallback = None
+        self._compiled = False
+        self.stats["compiled"] = False
         self._free_cuda()
 
     # ------------------------------------------------------------------ internals
@@ -159,7 +195,10 @@ class JobRenderer:
         offload = bool(self.performance.get("cpu_offload")) and self.device.startswith("cuda")
         pipe = load_base_pipeline(model, self.root, self.device, dtype, to_device=not offload)
         pipe.set_progress_bar_config(disable=True)
-        apply_performance(pipe, self.performance, self.device)
+        if self.performance.get("vae"):
+            vae = load_vae(self.performance["vae"], self.root, self.device if not offload else "cpu", dtype)
+            pipe.register_modules(vae=vae)
+        self.applied = apply_performance(pipe, self.performance, self.device)
         self.pipe, self._pipe_key, self._model_ref = pipe, key, model.ref
         self._base_scheduler_config = pipe.scheduler.config
         self.stats["model_loads"] += 1
@@ -174,6 +213,8 @@ class JobRenderer:
             if k not in self._controlnets:
                 self._controlnets[k] = load_controlnet(c.model, self.root, self.device, dtype)
                 self.stats["controlnet_loads"] += 1
+                if self._compiled:
+                    self._compile_module(self._controlnets[k])
             keys.append(k)
         pkey = tuple(keys)
         if pkey not in self._control_pipes:
@@ -186,6 +227,20 @@ class JobRenderer:
                 cp.enable_model_cpu_offload(device=self.device)
             self._control_pipes[pkey] = cp
         return self._control_pipes[pkey]
+
+    def _maybe_compile(self) -> None:
+        if not self.performance.get("compile") or self._compiled:
+            return
+        names = compile_pipeline(self.pipe, self.performance.get("compile_mode"),
+                                 backend=self.performance.get("compile_backend", "inductor"))
+        for cn in self._controlnets.values():
+            self._compile_module(cn)
+        self.applied += names
+        self._compiled = True
+        self.stats["compiled"] = True
+
+    def _compile_module(self, module) -> None:
+        compile_module(module, self.performance.get("compile_mode"), self.performance.get("compile_backend", "inductor"))
 
     def _call(self, pipe, job, kwargs):
         import numpy as np

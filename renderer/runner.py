@@ -265,7 +265,7 @@ def _run_local(todo: list[RenderJob], plan, writer: _Writer, startup: dict, info
 
     t0 = time.perf_counter()
     actor = RenderActor(plan.root, _performance(plan), todo[0].base_model.model_dump(mode="json"), index=0,
-                        dtype=todo[0].dtype)
+                        dtype=todo[0].dtype, warmup_job=todo[0].model_dump(mode="json"))
     startup["actor_start_s"] = round(time.perf_counter() - t0, 4)
     a_info = actor.info()
     startup["model_load_s"] = round(a_info["startup"]["model_load_s"], 4)
@@ -350,7 +350,7 @@ def _run_ray(
 
     def start(index: int):
         return Actor.options(runtime_env={"env_vars": worker_env()}, **opts).remote(
-            root, perf, first_model, index, None, first_dtype)
+            root, perf, first_model, index, None, first_dtype, todo[0].model_dump(mode="json"))
 
     class Slot:
         def __init__(self, index: int):
@@ -462,7 +462,10 @@ def _remote_actor_class():
 
 
 def _performance(plan) -> dict:
-    return dict(getattr(plan, "performance", None) or {})
+    performance = dict(getattr(plan, "performance", None) or {})
+    # LoRA hotswap pads every adapter to one rank: the registry's largest, known before any load.
+    performance.setdefault("max_lora_rank", getattr(plan, "max_lora_rank", None))
+    return performance
 
 
 # ---------------------------------------------------------------------------
