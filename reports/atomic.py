@@ -1,19 +1,22 @@
-"""Atomic file writes: temp file in the same folder + fsync + os.replace.
+"""Atomic file writes for reports: thin names over `renderer.outputs`, the one place
+that implements temp file + fsync + os.replace (+ fsync of the folder).
 
 A reader (a browser, a second `castbook report`) never sees a half-written file.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from renderer.outputs import atomic_write_bytes
+
 
 def write_bytes(path: Path, data: bytes) -> Path:
-    return _write(path, lambda f: f.write(data))
+    atomic_write_bytes(Path(path), data)
+    return Path(path)
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -26,24 +29,7 @@ def write_json(path: Path, obj: Any) -> Path:
 
 
 def write_with(path: Path, writer: Callable[[Any], Any]) -> Path:
-    """Call `writer(binary_file)` on a temp file, then move it into place."""
-    return _write(path, writer)
-
-
-def _write(path: Path, writer: Callable[[Any], Any]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            writer(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    """Call `writer(binary_file)` on an in-memory buffer, then write it atomically."""
+    buffer = io.BytesIO()
+    writer(buffer)
+    return write_bytes(path, buffer.getvalue())

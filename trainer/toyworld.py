@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -464,16 +463,9 @@ def png_bytes(img: Image.Image) -> bytes:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from renderer.outputs import atomic_write_bytes  # the one atomic-write implementation
+
+    atomic_write_bytes(path, data)
 
 
 def generate_dataset(out: Path, count: int, seed: int, size: int = 64, holdout: tuple[Holdout, ...] = HOLDOUT,
