@@ -1,0 +1,86 @@
+"""`castbook toymodel train-base|train-clip|eval-base SPEC`: train the toy-world built-ins from scratch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "toymodel",
+        help="train the toy-world base model (VAE + UNet) or toy CLIP from scratch on a CPU",
+        description="Train builtin:toy-sdxl / builtin:toy-clip from a recipe in specs/toy/ (see docs/TOYWORLD.md).",
+    )
+    sub = p.add_subparsers(dest="toymodel_command", metavar="{train-base,train-decoder,export-base,train-clip,eval-base}")
+    sub.required = True
+    b = sub.add_parser("train-base", help="VAE then UNet from scratch; writes a diffusers folder (e.g. renderer/weights/toy/sdxl)")
+    b.add_argument("spec", type=Path, help="recipe YAML, e.g. specs/toy/toy-base.yaml")
+    b.add_argument("--no-eval", action="store_true", help="skip the prompt-grid evaluation at the end")
+    d = sub.add_parser("train-decoder", help="only stage 3 (decoder fine-tune), e.g. on a second core while train-base runs")
+    d.add_argument("spec", type=Path, help="the same recipe YAML as train-base")
+    x = sub.add_parser("export-base", help="assemble the latest EMA UNet checkpoint of a stopped run into the output folder")
+    x.add_argument("spec", type=Path, help="the same recipe YAML as train-base")
+    x.add_argument("--no-eval", action="store_true", help="skip the prompt-grid evaluation")
+    x.add_argument("--note", default="", help="free text stored in the training record (e.g. why it was stopped)")
+    c = sub.add_parser("train-clip", help="contrastive toy CLIP; writes renderer/weights/toy/clip")
+    c.add_argument("spec", type=Path, help="recipe YAML, e.g. specs/toy/toy-clip.yaml")
+    e = sub.add_parser("eval-base", help="render the fixed prompt grid with a trained base model and check it")
+    e.add_argument("spec", type=Path, help="the recipe YAML the model was trained with (its eval section is used)")
+    e.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the spec's output)")
+    e.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=run)
+
+
+def _root_for(spec_path: Path) -> Path:
+    from schemas.loader import find_project_root
+
+    return find_project_root(spec_path.absolute())
+
+
+def run(args: argparse.Namespace) -> int:
+    from schemas.loader import SpecErrors
+
+    try:
+        if args.toymodel_command == "train-clip":
+            from trainer import toy_clip
+
+            spec = toy_clip.load_clip_spec(args.spec)
+            record = toy_clip.run_clip(spec, _root_for(args.spec), log=lambda m: print(m, flush=True))
+            print(json.dumps(record["retrieval_held_out"], indent=2))
+            return 0
+        from trainer import from_scratch
+
+        spec = from_scratch.load_base_spec(args.spec)
+        if args.toymodel_command == "train-base":
+            record = from_scratch.run_base(spec, _root_for(args.spec), log=lambda m: print(m, flush=True),
+                                           do_eval=not args.no_eval)
+            print(json.dumps(record.get("eval", {}), indent=2))
+            return 0
+        if args.toymodel_command == "train-decoder":
+            from_scratch.run_decoder_stage(spec, log=lambda m: print(m, flush=True))
+            return 0
+        if args.toymodel_command == "export-base":
+            record = from_scratch.export_from_checkpoint(spec, _root_for(args.spec), log=lambda m: print(m, flush=True),
+                                                         do_eval=not args.no_eval, note=args.note)
+            print(json.dumps(record.get("eval", {}), indent=2))
+            return 0
+        root = _root_for(args.spec)
+        folder = args.model or (root / spec.output)
+        result = from_scratch.evaluate_pipeline(from_scratch.load_pipeline(folder), spec.eval, spec.data.size,
+                                                limit=spec.eval.limit)
+        if args.json:
+            print(json.dumps(result, indent=2, sort_keys=True))
+        else:
+            from reports import toyworld_eval as ev
+
+            print(ev.format_table(result))
+        return 0
+    except SpecErrors as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

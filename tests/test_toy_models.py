@@ -1,0 +1,246 @@
+"""The toy-world built-ins trained from scratch: trainers learn, runs repeat, committed weights load.
+
+Fast: tiny batches and a handful of steps on real diffusers / open_clip models.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from trainer import from_scratch as fs  # noqa: E402
+from trainer import toy_clip as tc  # noqa: E402
+from trainer import toyworld as tw  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TOY = REPO / "renderer" / "weights" / "toy"
+
+
+@pytest.fixture(scope="module")
+def toy_data():
+    torch.set_num_threads(1)
+    return fs.toy_images(32, seed=5)
+
+
+@pytest.fixture(scope="module")
+def text_parts():
+    return fs.frozen_text_parts()
+
+
+def _unet_data(images, captions, text_parts, vae_spec=fs.VaeSpec()):
+    torch.manual_seed(0)
+    vae = fs.build_vae(vae_spec).eval()
+    latents = fs.encode_latents(vae, images)
+    latents = latents / latents.std()
+    pipe = fs.make_pipeline(fs.build_unet(), vae, text_parts)
+    index, embeds, pooled = fs.caption_embeddings(pipe, captions)
+    empty_e, _, empty_p, _ = pipe.encode_prompt([""], device="cpu", num_images_per_prompt=1,
+                                                do_classifier_free_guidance=False)
+    return fs.UnetData(latents, index, embeds, pooled, empty_e[0], empty_p[0])
+
+
+def test_vae_training_reduces_reconstruction_loss(toy_data):
+    images, _ = toy_data
+    spec = fs.VaeSpec(batch_size=4, learning_rate=3e-3, warmup_steps=0, steps=10)
+    x = fs.to_unit(images[:8])
+
+    def loss_of(vae):
+        with torch.no_grad():
+            return float(fs.vae_loss(vae, x, spec, generator=torch.Generator().manual_seed(0)))
+
+    torch.manual_seed(0)
+    before = loss_of(fs.build_vae(spec))
+    vae, losses = fs.train_vae(images, spec, seed=0, log=lambda m: None)
+    after = loss_of(vae)
+    assert len(losses) == 10
+    assert after < 0.9 * before, (before, after)
+    assert vae.config.scaling_factor > 0
+
+
+def test_vae_has_three_levels_and_16px_latents(toy_data):
+    images, _ = toy_data
+    vae = fs.build_vae(fs.VaeSpec())
+    assert 0.5e6 < sum(p.numel() for p in vae.parameters()) < 1e6
+    assert fs.encode_latents(vae, images[:2]).shape == (2, 4, 16, 16)
+
+
+def test_unet_training_reduces_denoising_loss(toy_data, text_parts):
+    images, captions = toy_data
+    data = _unet_data(images, captions, text_parts)
+    spec = fs.UnetSpec(batch_size=16, learning_rate=2e-3, warmup_steps=0, steps=10, caption_dropout=0.1)
+    ac = fs.alphas_cumprod(text_parts["scheduler"].config)
+
+    def loss_of(unet):
+        g = torch.Generator().manual_seed(123)
+        lat, e, p = data.batch(32, 0.0, g)
+        with torch.no_grad():
+            return float(fs.unet_loss(unet, lat, e, p, ac, spec, 64, g))
+
+    torch.manual_seed(0)
+    before = loss_of(fs.build_unet())
+    ema, losses, done, _ = fs.train_unet(data, spec, seed=0, size=64, scheduler_config=text_parts["scheduler"].config,
+                                         log=lambda m: None)
+    assert done == 10 and len(losses) == 10
+    # The EMA lags the raw weights, but with its warm-up it has moved well within 10 steps.
+    assert loss_of(ema) < 0.8 * before, (before, loss_of(ema))
+
+
+def test_caption_dropout_gives_zero_and_empty_prompt_conditioning(toy_data, text_parts):
+    images, captions = toy_data
+    data = _unet_data(images[:4], captions[:4], text_parts)
+    lat, e, p = data.batch(64, 1.0, torch.Generator().manual_seed(0))
+    zero = (e.abs().sum(dim=(1, 2)) == 0)
+    empty = torch.tensor([torch.equal(e[i], data.empty_embeds) for i in range(64)])
+    assert zero.any() and empty.any() and bool((zero | empty).all())
+    lat, e, p = data.batch(8, 0.0, torch.Generator().manual_seed(0))
+    assert bool((e.abs().sum(dim=(1, 2)) > 0).all())
+
+
+def test_unet_training_is_deterministic(toy_data, text_parts):
+    images, captions = toy_data
+    data = _unet_data(images[:8], captions[:8], text_parts)
+    spec = fs.UnetSpec(batch_size=4, steps=3, warmup_steps=0)
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [fs.train_unet(data, spec, seed=7, size=64, scheduler_config=text_parts["scheduler"].config,
+                              log=lambda m: None) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    a, b = (r[0].state_dict() for r in runs)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert runs[0][1] == runs[1][1]  # identical loss curves
+    assert not all(torch.equal(a[k], fs.build_unet().state_dict()[k]) for k in a)
+
+
+def test_toy_clip_training_reduces_contrastive_loss(toy_data):
+    images, captions = toy_data
+    tok = tc.tokenizer()
+    unique = sorted(set(captions))
+    ids = torch.tensor([unique.index(c) for c in captions])
+    tokens = tok(unique)[ids]
+    x = tc.normalize(images)
+
+    def loss_of(model):
+        with torch.no_grad():
+            return float(tc.contrastive_loss(model.eval(), x, tokens, ids))
+
+    before = loss_of(tc.build_model(seed=0))
+    spec = tc.ClipTrainSpec(batch_size=32, steps=15, learning_rate=1e-3, warmup_steps=0)
+    model, losses, done, _ = tc.train_clip(images, captions, spec, seed=0, log=lambda m: None)
+    assert done == 15
+    assert loss_of(model) < 0.9 * before, (before, loss_of(model))
+
+
+def test_toy_clip_save_load_roundtrip_and_determinism(toy_data, tmp_path):
+    images, captions = toy_data
+    spec = tc.ClipTrainSpec(batch_size=8, steps=2, warmup_steps=0)
+    m1, l1, _, _ = tc.train_clip(images, captions, spec, seed=3, log=lambda m: None)
+    m2, l2, _, _ = tc.train_clip(images, captions, spec, seed=3, log=lambda m: None)
+    assert l1 == l2
+    tc.save_clip(m1, tmp_path / "clip")
+    assert sorted(p.name for p in (tmp_path / "clip").iterdir()) == [tc.WEIGHTS_FILE, tc.CONFIG_FILE]
+    loaded, preprocess, tok = tc.load_toy_clip(tmp_path / "clip")
+    with torch.no_grad():
+        a = m1.encode_image(tc.normalize(images[:2]), normalize=True)
+        b = loaded.encode_image(tc.normalize(images[:2]), normalize=True)
+    assert torch.allclose(a, b, atol=2e-2)  # stored as fp16
+    acc = tc.retrieval_accuracy(loaded, images[:8], captions[:8])
+    assert 0.0 <= acc["caption_to_image_top1"] <= 1.0 and acc["images"] == 8
+
+
+def test_save_pipeline_writes_fp16_safetensors_that_load_as_fp32(text_parts, tmp_path):
+    import os
+    import stat
+
+    pipe = fs.make_pipeline(fs.build_unet(), fs.build_vae(fs.VaeSpec()), text_parts)
+    out = tmp_path / "models" / "sdxl"
+    fs.save_pipeline(pipe, out)
+    fs.save_pipeline(pipe, out)  # replacing an existing folder works and leaves no temp folders
+    assert sorted(p.name for p in out.parent.iterdir()) == ["sdxl"]
+    weights = sorted(out.rglob("*.safetensors"))
+    assert {w.parent.name for w in weights} == {"unet", "vae", "text_encoder", "text_encoder_2"}
+    assert all(stat.S_IMODE(os.stat(w).st_mode) == 0o644 for w in weights)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+    loaded = fs.load_pipeline(out)
+    assert loaded.unet.dtype == torch.float32 and loaded.vae_scale_factor == 4
+
+
+def test_committed_specs_load():
+    base = fs.load_base_spec(REPO / "specs" / "toy" / "toy-base.yaml")
+    assert base.vae.block_out_channels == (16, 32, 64) and base.unet.noise_offset > 0
+    assert base.output == "renderer/weights/toy/sdxl"
+    clip = tc.load_clip_spec(REPO / "specs" / "toy" / "toy-clip.yaml")
+    assert clip.output == "renderer/weights/toy/clip"
+
+
+def test_spec_rejects_unknown_keys(tmp_path):
+    from schemas.loader import SpecErrors
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("unet:\n  stepz: 3\n")
+    with pytest.raises(SpecErrors, match="stepz"):
+        fs.load_base_spec(bad)
+
+
+def test_eval_grid_is_fixed_and_parses_back():
+    grid = fs.eval_prompts()
+    assert len(grid) == 8 * 6 * 3 - 3 * 3  # every colour x shape x scene minus the hold-out pairs
+    assert len({p for p, _ in grid}) == len(grid)
+    for prompt, expected in grid:
+        assert {k: v for k, v in tw.parse_attributes(prompt).items()} == expected
+        assert not tw._is_held_out(expected["colour"], expected["shape"], expected["eyes"], tw.HOLDOUT)
+
+
+def test_cli_reports_a_missing_spec(tmp_path, capsys):
+    from castbook.cli import main
+
+    assert main(["toymodel", "train-base", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+# --- the committed weights ---------------------------------------------------------------
+
+
+@pytest.mark.skipif(not (TOY / "sdxl" / "model_index.json").exists(),
+                    reason="renderer/weights/toy/sdxl not trained yet (castbook toymodel train-base specs/toy/toy-base.yaml)")
+def test_committed_base_model_renders_with_diffusers():
+    from diffusers import StableDiffusionXLPipeline
+
+    files = list((TOY / "sdxl").rglob("*"))
+    assert not [f for f in files if f.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    pipe = StableDiffusionXLPipeline.from_pretrained(TOY / "sdxl", local_files_only=True, use_safetensors=True,
+                                                     torch_dtype=torch.float32)
+    assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16
+    img = pipe("a red circle character with black eyes on the beach", num_inference_steps=4, guidance_scale=5.0,
+               width=64, height=64, generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    assert img.size == (64, 64)
+    import numpy as np
+
+    assert np.asarray(img).std() > 5  # a picture, not a flat colour
+
+
+@pytest.mark.skipif(not (TOY / "clip" / tc.WEIGHTS_FILE).exists(),
+                    reason="renderer/weights/toy/clip not trained yet (castbook toymodel train-clip specs/toy/toy-clip.yaml)")
+def test_committed_toy_clip_prefers_the_right_caption():
+    model, _, tok = tc.load_toy_clip(TOY / "clip")
+    images, captions = fs.toy_images(24, seed=99)
+    acc = tc.retrieval_accuracy(model, images, captions)
+    assert acc["caption_to_image_top1"] >= 0.5, acc  # chance is ~1/24
+
+
+def test_committed_models_fit_the_size_budget():
+    if not TOY.exists():
+        pytest.skip("renderer/weights/toy not trained yet")
+    total = sum(f.stat().st_size for f in TOY.rglob("*") if f.is_file())
+    assert total <= 25 * 1024 * 1024, total
+    record = TOY / "sdxl.training.json"
+    if record.exists():
+        assert json.loads(record.read_text())["spec"]["output"] == "renderer/weights/toy/sdxl"
