@@ -31,7 +31,7 @@ browser:
 	  || echo "WARNING: chromium could not be installed; browser tests will be SKIPPED"; }
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 demo: $(STAMP)
 	$(VENV)/bin/castbook validate specs/examples/luca.yaml
