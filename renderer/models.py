@@ -30,6 +30,7 @@ from schemas.builtins import BASE_MODELS, BUILTIN_RECIPES, CONTROLNET_MODELS
 from schemas.builtins import builtin_digest as _recipe_digest
 
 BUILTIN_SEED = 0
+TOY_SDXL_DIR = Path(__file__).resolve().parent / "weights" / "toy" / "sdxl"
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".safetensors",)
@@ -269,7 +270,7 @@ def build_tiny_sdxl_components(seed: int = BUILTIN_SEED) -> dict:
     }
 
 
-def build_tiny_controlnet(unet, seed: int = BUILTIN_SEED):
+def build_tiny_controlnet(unet, seed: int = BUILTIN_SEED, conditioning_channels: tuple[int, ...] = (16, 32)):
     """A ControlNet copied from the tiny UNet, its zero-initialised layers perturbed.
 
     A fresh ControlNet's output convs and conditioning-embedding output start at zero,
@@ -278,8 +279,9 @@ def build_tiny_controlnet(unet, seed: int = BUILTIN_SEED):
     import torch
     from diffusers import ControlNetModel
 
-    # The tiny VAE downsamples 2x, so the conditioning embedding must too (two stages).
-    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    # The conditioning embedding must downsample like the VAE: 2x for tiny-sdxl (two stages),
+    # 4x for toy-sdxl (three stages).
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels)
     gen = torch.Generator("cpu").manual_seed(seed)
     zero_init = [cn.controlnet_cond_embedding.conv_out, cn.controlnet_mid_block, *cn.controlnet_down_blocks]
     with torch.no_grad():
@@ -347,6 +349,8 @@ def builtin_dir(name: str) -> Path:
     name = builtin_name(name)
     if name == "sdxl-random":
         raise JobError("builtin:sdxl-random is built in memory, not saved; it has no folder")
+    if name == "toy-sdxl":  # trained by castbook, shipped in the repo rather than built
+        return TOY_SDXL_DIR
     final = castbook_home() / "builtins" / f"{name}-r{BUILTIN_RECIPES[name]}"
     if (final / "model_index.json").exists() or (final / "config.json").exists():
         return final
@@ -378,6 +382,14 @@ def _save_builtin(name: str, out: Path) -> None:
             builtin_dir("tiny-sdxl") / "unet", local_files_only=True, use_safetensors=True
         )
         build_tiny_controlnet(unet).save_pretrained(out, safe_serialization=True)
+    elif name == "toy-controlnet":
+        from diffusers import UNet2DConditionModel
+
+        import torch
+
+        unet = UNet2DConditionModel.from_pretrained(TOY_SDXL_DIR / "unet", local_files_only=True,
+                                                    use_safetensors=True, torch_dtype=torch.float32)
+        build_tiny_controlnet(unet, conditioning_channels=(16, 32, 64)).save_pretrained(out, safe_serialization=True)
     else:
         raise JobError(f"built-in {name!r} cannot be saved to a folder")
 
@@ -521,13 +533,13 @@ def load_base_pipeline(model, root: Path, device: str, dtype_label: str, to_devi
             name = builtin_name(model.ref)
             if name == "sdxl-random":
                 pipe = build_sdxl_random_pipeline(device=device, torch_dtype=td)
-            elif name == "tiny-sdxl":
+            elif name in ("tiny-sdxl", "toy-sdxl"):
                 pipe = StableDiffusionXLPipeline.from_pretrained(
                     builtin_dir(name), local_files_only=True, use_safetensors=True, torch_dtype=td
                 )
             else:
-                raise JobError(f"{model.ref} is not a base model; base_model must be builtin:tiny-sdxl, "
-                               f"builtin:sdxl-random, a diffusers folder or a .safetensors checkpoint")
+                raise JobError(f"{model.ref} is not a base model; base_model must be one of "
+                               f"{', '.join('builtin:' + n for n in BASE_MODELS)}, a diffusers folder or a .safetensors checkpoint")
         elif model.kind == "diffusers":
             path = Path(root) / model.ref
             check_diffusers_folder(path, "base model")
@@ -565,8 +577,9 @@ def load_controlnet(model, root: Path, device: str, dtype_label: str):
     try:
         if model.kind == "builtin" or model.ref.startswith("builtin:"):
             name = builtin_name(model.ref)
-            if name != "tiny-controlnet":
-                raise JobError(f"{model.ref} is not a ControlNet; use builtin:tiny-controlnet or a local ControlNet folder")
+            if name not in CONTROLNET_MODELS:
+                raise JobError(f"{model.ref} is not a ControlNet; use one of "
+                               f"{', '.join('builtin:' + n for n in CONTROLNET_MODELS)} or a local ControlNet folder")
             cn = ControlNetModel.from_pretrained(builtin_dir(name), local_files_only=True, use_safetensors=True, torch_dtype=td)
         elif model.kind == "diffusers":
             path = Path(root) / model.ref

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from schemas.builtins import builtin_digest
+from schemas.builtins import DEFAULT_CONTROLNET, DEFAULT_SCORER, builtin_digest
 from schemas.checks import job_count_error, seed_list
 from schemas.job import ResolvedControl, ResolvedLora, ResolvedModel, RenderJob
 from schemas.loader import SpecErrors, glob_matches
@@ -192,7 +192,9 @@ def expand(spec: Spec, digests: dict[str, str]) -> list[RenderJob]:
 
 
 def _control(control, scale: float | None, spec: Spec, digests: dict[str, str]) -> ResolvedControl:
-    model = control.model or spec.defaults.controlnets.get(control.type) or BuiltinModel(name="tiny-controlnet")
+    base = spec.defaults.base_model
+    default = DEFAULT_CONTROLNET.get(base.name, "tiny-controlnet") if isinstance(base, BuiltinModel) else "tiny-controlnet"
+    model = control.model or spec.defaults.controlnets.get(control.type) or BuiltinModel(name=default)
     params: dict = {}
     if control.type == "canny":
         params = {"low_threshold": control.low_threshold, "high_threshold": control.high_threshold}
@@ -282,6 +284,15 @@ def character_info(spec: Spec, root: Path) -> dict[str, dict]:
     return info
 
 
+def _scoring(spec: Spec) -> dict:
+    """The spec's scorer; a built-in base model with its own scorer gets it unless the spec names one."""
+    scoring = spec.scoring.model_dump()
+    base = spec.defaults.base_model
+    if "model" not in spec.scoring.model_fields_set and isinstance(base, BuiltinModel) and base.name in DEFAULT_SCORER:
+        scoring["model"] = f"builtin:{DEFAULT_SCORER[base.name]}"
+    return scoring
+
+
 def load_plan(spec_paths: list[Path] | Path, overrides: list[str] = (), root: Path | None = None,
               only: str | None = None) -> Plan:
     """Files → validated spec → digests → jobs. Raises SpecErrors."""
@@ -300,7 +311,7 @@ def load_plan(spec_paths: list[Path] | Path, overrides: list[str] = (), root: Pa
                     for p in loaded.files],
         characters=character_info(loaded.spec, loaded.root),
         performance=loaded.spec.performance.model_dump(),
-        scoring=loaded.spec.scoring.model_dump(),
+        scoring=_scoring(loaded.spec),
     )
 
 

@@ -27,10 +27,16 @@ import numpy as np
 
 from reports import atomic
 
+from schemas.builtins import BUILTIN_RECIPES
+
 BUILTIN_TINY_CLIP = "builtin:tiny-clip"
-# Bump when the tiny-clip recipe (config or seed) changes: it is part of the
-# built-in's folder name and of every cached embedding's identity.
-TINY_CLIP_RECIPE = 1
+BUILTIN_TOY_CLIP = "builtin:toy-clip"
+# The tiny-clip recipe (config or seed) is part of the built-in's folder name and of
+# every cached embedding's identity; it is bumped in schemas/builtins.py.
+TINY_CLIP_RECIPE = BUILTIN_RECIPES["tiny-clip"]
+# Trained by castbook on the toy world (trainer/toy_clip.py); shipped with the renderer's weights.
+TOY_CLIP_DIR = Path(__file__).resolve().parents[1] / "renderer" / "weights" / "toy" / "clip"
+TOY_CLIP_NAME = "toy-clip"
 TINY_CLIP_NAME = "castbook-tiny-clip"
 TINY_CLIP_SEED = 0
 # ≈1.7 M parameters (most of it the 49,408-token embedding); encodes in milliseconds.
@@ -230,6 +236,16 @@ class ClipScorer:
                                  "built-ins need no weights: remove scoring.weights")
             self._config, self.weights = ensure_tiny_clip()
             self._arch = TINY_CLIP_NAME
+        elif model == BUILTIN_TOY_CLIP:
+            if weights is not None:
+                raise ValueError(f"scoring.weights={str(weights)!r} was given with model {model!r}; "
+                                 "built-ins need no weights: remove scoring.weights")
+            self._config = TOY_CLIP_DIR / f"{TOY_CLIP_NAME}.json"
+            self.weights = TOY_CLIP_DIR / "open_clip_model.safetensors"
+            if not self.weights.is_file():
+                raise FileNotFoundError(f"{model} weights {self.weights} are missing; retrain them with "
+                                        "`castbook toymodel train-clip specs/toy/toy-clip.yaml`")
+            self._arch = TOY_CLIP_NAME
         else:
             if model.startswith(("hf-hub:", "local-dir:")) or model.startswith("builtin:"):
                 raise ValueError(f"scoring.model={model!r} is not supported: use {BUILTIN_TINY_CLIP!r} or an "
@@ -249,8 +265,9 @@ class ClipScorer:
             self._arch = model
         self.weights_digest = self._digests.digest(self.weights)
         self.identity = f"open_clip:{model}@{self.weights_digest[:16]}"
-        if model == BUILTIN_TINY_CLIP:
-            self.identity = f"{BUILTIN_TINY_CLIP}@{TINY_CLIP_RECIPE}:{self.weights_digest[:16]}"
+        if model in (BUILTIN_TINY_CLIP, BUILTIN_TOY_CLIP):
+            name = model.removeprefix("builtin:")
+            self.identity = f"{model}@{BUILTIN_RECIPES[name]}:{self.weights_digest[:16]}"
         self._cache = _EmbeddingCache(cache_dir, self.identity)
 
     # --- model -------------------------------------------------------------------------

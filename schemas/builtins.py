@@ -10,11 +10,20 @@ BUILTIN_RECIPES: dict[str, int] = {
     "tiny-controlnet": 1,  # ControlNetModel.from_unet(tiny-sdxl UNet), perturbed output layers
     "sdxl-random": 1,  # full SDXL-base UNet config, random weights: GPU benchmarks without downloads
     "tiny-clip": 1,  # open_clip model from a tiny config: the default scorer
+    # Trained by castbook on the procedural toy world; weights ship in renderer/weights/toy/.
+    # Bump when they are retrained.
+    "toy-sdxl": 1,
+    "toy-controlnet": 1,  # ControlNet made from toy-sdxl's UNet (its VAE downsamples 4x)
+    "toy-clip": 1,  # default scorer wherever the base model is builtin:toy-sdxl
 }
 
-BASE_MODELS = ("tiny-sdxl", "sdxl-random")
-CONTROLNET_MODELS = ("tiny-controlnet",)
-CLIP_MODELS = ("tiny-clip",)
+BASE_MODELS = ("tiny-sdxl", "sdxl-random", "toy-sdxl")
+CONTROLNET_MODELS = ("tiny-controlnet", "toy-controlnet")
+CLIP_MODELS = ("tiny-clip", "toy-clip")
+
+# The ControlNet and scorer a built-in base model uses unless the spec names others.
+DEFAULT_CONTROLNET = {"tiny-sdxl": "tiny-controlnet", "toy-sdxl": "toy-controlnet"}
+DEFAULT_SCORER = {"toy-sdxl": "toy-clip"}
 
 
 def builtin_digest(name: str) -> str:

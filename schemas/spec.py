@@ -317,7 +317,8 @@ class Scoring(Strict):
     def _weights_for_named_models(self) -> "Scoring":
         if self.model.startswith("builtin:"):
             if self.model.removeprefix("builtin:") not in CLIP_MODELS:
-                raise ValueError(f"unknown built-in scorer `{self.model}`; known: builtin:tiny-clip")
+                known = ", ".join(f"builtin:{n}" for n in CLIP_MODELS)
+                raise ValueError(f"unknown built-in scorer `{self.model}`; known: {known}")
         elif self.weights is None:
             raise ValueError(f"scoring model `{self.model}` needs `weights:` (a local .safetensors); castbook never downloads")
         return self

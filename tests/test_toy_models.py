@@ -244,3 +244,24 @@ def test_committed_models_fit_the_size_budget():
     record = TOY / "sdxl.training.json"
     if record.exists():
         assert json.loads(record.read_text())["spec"]["output"] == "renderer/weights/toy/sdxl"
+
+
+def test_toy_builtins_are_wired_into_plan_render_and_scoring(tmp_path):
+    """builtin:toy-sdxl picks its own ControlNet and scorer, and renders with a control."""
+    from renderer.pipeline import JobRenderer
+    from renderer.plan import load_plan
+    from reports.metrics import ClipScorer
+
+    if not (TOY / "sdxl" / "model_index.json").exists():
+        pytest.skip("renderer/weights/toy/sdxl not trained yet")
+    plan = load_plan([REPO / "specs" / "examples" / "toyworld.yaml"], overrides=["presets.toy.num_inference_steps=2"])
+    assert plan.scoring["model"] == "builtin:toy-clip"
+    job = next(j for j in plan.jobs if j.controls)
+    assert job.base_model.digest == "builtin:toy-sdxl@r1"
+    assert job.controls[0].model.ref == "builtin:toy-controlnet"  # 4x-downsampling conditioning, matches the toy VAE
+    out = JobRenderer(REPO).render(job)
+    assert out.image.size == (64, 64)
+    image = tmp_path / "toy.png"
+    out.image.save(image)
+    scorer = ClipScorer("builtin:toy-clip")
+    assert scorer.embed_images([image]).shape == (1, 64)
