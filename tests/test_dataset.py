@@ -81,7 +81,7 @@ def test_blur_and_hash_measures():
 def test_prepare_refuses_output_inside_input_and_poses(raw, tmp_path):
     with pytest.raises(PrepareError, match="outside the input"):
         prepare_dataset(raw, raw / "out")
-    from trainer.prepare import prepare_poses
+    from trainer.poses import PoseOptions, prepare_poses
 
-    with pytest.raises(PrepareError, match="not implemented yet"):
-        prepare_poses()
+    with pytest.raises(PrepareError, match="body_pose_model.pth"):
+        prepare_poses(raw, PoseOptions(annotator=None))

@@ -158,13 +158,6 @@ def prepare_dataset(src: Path, out: Path, options: PrepareOptions = PrepareOptio
     return summary
 
 
-def prepare_poses(*_args, **_kwargs):
-    raise PrepareError(
-        "--poses is not implemented yet (OpenPose keypoints, clustering and contact sheets are planned); "
-        "run without --poses"
-    )
-
-
 HTML = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Dataset preparation</title>
 <style>body{font-family:system-ui,sans-serif;margin:2rem}table{border-collapse:collapse}
 td,th{border:1px solid #ccc;padding:.2rem .5rem;text-align:left}.dropped{background:#fbeaea}.warn{color:#a60}</style>

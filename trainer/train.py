@@ -743,3 +743,55 @@ def load_training_spec(path: Path, root: Path) -> TrainingSpec:
     from schemas.loader import load_yaml_model
 
     return load_yaml_model(Path(path), TrainingSpec, root)
+
+
+def _train_remote(spec: TrainingSpec, root: Path, kwargs: dict) -> tuple[str, object]:
+    """Body of the Ray task: the same `train_lora` call, in a worker process.
+
+    Input errors come back as ("TrainingError"|"DatasetError", problems): these exceptions do
+    not survive pickling (their __init__ rebuilds the message from `problems`)."""
+    from trainer.data import DatasetError
+
+    try:
+        return "ok", train_lora(spec, root, **kwargs)
+    except (TrainingError, DatasetError) as exc:
+        return type(exc).__name__, list(exc.problems)
+
+
+def train_lora_ray(spec: TrainingSpec, root: Path, *, ray_address: str | None = None, resume: bool = False,
+                   device: str | None = None, progress: bool = False, stop_after: int | None = None,
+                   render: bool = True) -> TrainResult:
+    """`train_lora` inside a Ray task (one GPU when the cluster has one, else one CPU).
+
+    Starts a private local Ray like the renderer (address="local", no dashboard, 127.0.0.1)
+    unless `ray_address` names a cluster; shuts down only a Ray it started. Input errors are
+    raised here as TrainingError/DatasetError, like `train_lora` raises them."""
+    import ray
+
+    from renderer.runner import worker_env
+    from trainer.data import DatasetError
+
+    we_started = False
+    if not ray.is_initialized():
+        # log_to_driver: the worker's prints (progress, notes) show on the driver's terminal.
+        common = dict(log_to_driver=True, runtime_env={"env_vars": worker_env()})
+        if ray_address:
+            ray.init(address=ray_address, **common)
+        else:
+            ray.init(address="local", num_cpus=max(1, os.cpu_count() or 1), include_dashboard=False,
+                     object_store_memory=256 * 1024 * 1024, _node_ip_address="127.0.0.1", **common)
+        we_started = True
+    try:
+        # A task asking for a GPU on a cluster without one stays PENDING forever (STACK.md).
+        opts: dict = {"num_cpus": 1, "max_retries": 0, "runtime_env": {"env_vars": worker_env()}}
+        if ray.cluster_resources().get("GPU"):
+            opts["num_gpus"] = 1
+        task = ray.remote(**opts)(_train_remote)
+        kwargs = dict(resume=resume, device=device, progress=progress, stop_after=stop_after, render=render)
+        kind, value = ray.get(task.remote(spec, Path(root).resolve(), kwargs))
+        if kind == "ok":
+            return value
+        raise (DatasetError if kind == "DatasetError" else TrainingError)(value)
+    finally:
+        if we_started:
+            ray.shutdown()

@@ -24,20 +24,38 @@ def register(subparsers) -> None:
     g.add_argument("--phash-distance", type=int, default=6, help="dHash Hamming distance for near duplicates (default 6)")
     g.add_argument("--resolution", type=int, default=1024, help="bucket resolution (default 1024)")
     g.add_argument("--bucket-step", type=int, default=64, help="bucket sides are multiples of this (default 64)")
-    g.add_argument("--poses", action="store_true", help="OpenPose clustering (not implemented yet)")
+    g.add_argument("--poses", action="store_true",
+                   help="also detect OpenPose keypoints, cluster the poses, write pose maps/captions and poses.html")
+    g.add_argument("--annotator", type=Path, default=None,
+                   help="folder with body_pose_model.pth, hand_pose_model.pth, facenet.pth (trusted local files)")
+    g.add_argument("--clusters", type=int, default=None, help="number of pose clusters (default: best silhouette, 2-8)")
+    g.add_argument("--min-confidence", type=float, default=0.7,
+                   help="drop pose detections whose mean keypoint score is lower (default 0.7)")
     g.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from trainer.prepare import PrepareError, PrepareOptions, prepare_dataset, prepare_poses
+    from trainer.prepare import PrepareError, PrepareOptions, prepare_dataset
 
     try:
         if args.poses:
-            prepare_poses()
+            from trainer.poses import PoseOptions, check_annotator
+
+            # Check the annotator before any work: a missing file should not cost a full prepare.
+            pose_options = PoseOptions(annotator=check_annotator(args.annotator), clusters=args.clusters,
+                                       min_confidence=args.min_confidence)
+            if args.clusters is not None and args.clusters < 1:
+                raise PrepareError(f"--clusters {args.clusters} must be at least 1")
         summary = prepare_dataset(args.dir, args.out, PrepareOptions(
             trigger=args.trigger, min_size=args.min_size, blur_threshold=args.blur_threshold,
             max_aspect=args.max_aspect, phash_distance=args.phash_distance, resolution=args.resolution,
             bucket_step=args.bucket_step))
+        if args.poses:
+            from trainer.poses import prepare_poses
+
+            poses = prepare_poses(Path(summary["output"]), pose_options)
+            print(f"poses: {poses['counts']['posed']} of {poses['counts']['images']} images in {poses['k']} clusters; "
+                  f"report: {Path(summary['output']) / 'poses.html'}")
     except PrepareError as exc:
         print(f"castbook dataset prepare: {exc}", file=sys.stderr)
         return 2
