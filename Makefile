@@ -12,7 +12,7 @@ export HF_DATASETS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test venv browser lint clean bench-cpu
+.PHONY: demo test venv browser clean toy-model
 
 venv: $(STAMP)
 
@@ -37,6 +37,11 @@ demo: $(STAMP)
 	$(VENV)/bin/castbook validate specs/examples/luca.yaml
 	$(VENV)/bin/castbook plan specs/examples/luca.yaml
 	$(VENV)/bin/castbook render specs/examples/luca.yaml --out runs
+
+# Retrain the toy-world models from the committed recipes (about 1.5 h on 2 free CPU cores).
+toy-model: $(STAMP)
+	$(VENV)/bin/castbook toymodel train-clip specs/toy/toy-clip.yaml
+	$(VENV)/bin/castbook toymodel train-base specs/toy/toy-base.yaml
 
 clean:
 	rm -rf runs .pytest_cache
