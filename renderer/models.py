@@ -213,20 +213,14 @@ def _text_encoder_config(**kw):
     return CLIPTextConfig(**base)
 
 
-def build_tiny_sdxl_components(seed: int = BUILTIN_SEED) -> dict:
-    """SDXL-architecture components, tiny, from config with a fixed seed (STACK.md)."""
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    # Seed before each component so each one's init does not depend on the others.
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+def tiny_unet_config(sample_size: int = 32, latent_channels: int = 4) -> dict:
+    """The tiny SDXL UNet of STACK.md (~2 M params): tiny-sdxl's, and toy-sdxl's at 16x16 latents."""
+    return dict(
         block_out_channels=(32, 64),
         layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
@@ -237,6 +231,17 @@ def build_tiny_sdxl_components(seed: int = BUILTIN_SEED) -> dict:
         projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + 32 pooled text
         cross_attention_dim=64,
     )
+
+
+def build_tiny_sdxl_components(seed: int = BUILTIN_SEED) -> dict:
+    """SDXL-architecture components, tiny, from config with a fixed seed (STACK.md)."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    # Seed before each component so each one's init does not depend on the others.
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_unet_config())
     torch.manual_seed(seed)
     vae = AutoencoderKL(
         block_out_channels=[32, 64],

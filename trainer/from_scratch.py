@@ -188,22 +188,9 @@ def build_unet(latent_size: int = 16, latent_channels: int = 4):
     """The tiny SDXL UNet of STACK.md, sized for 16x16 latents."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=latent_size,
-        in_channels=latent_channels,
-        out_channels=latent_channels,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + 32 pooled text
-        cross_attention_dim=64,
-    )
+    from renderer.models import tiny_unet_config
+
+    return UNet2DConditionModel(**tiny_unet_config(sample_size=latent_size, latent_channels=latent_channels))
 
 
 def frozen_text_parts() -> dict:
