@@ -48,15 +48,6 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 
-# For the A1111-style `parameters` PNG chunk.
-A1111_SAMPLER_NAMES = {
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "ddim": "DDIM",
-    "unipc": "UniPC",
-}
 
 DTYPE_LABELS = ("fp32", "fp16", "bf16")
 

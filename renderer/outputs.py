@@ -87,6 +87,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are read by people and web servers
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -128,19 +128,10 @@ def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = N
     """Write a safetensors file atomically (temp file in the same folder, fsync, replace)."""
     from safetensors.torch import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from renderer.outputs import atomic_write_bytes  # the one atomic-write implementation
+
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are committed and shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(Path(path), data)
 
 
 def toy_images(count: int, seed: int, size: int = 64, holdout: str = "default"):
