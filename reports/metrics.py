@@ -100,13 +100,7 @@ def ensure_tiny_clip() -> tuple[Path, Path]:
     return config, weights
 
 
-def file_digest(path: Path) -> str:
-    """sha256 hex of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from renderer.plan import file_digest  # noqa: E402  (one sha256-of-a-file, shared with job keys)
 
 
 def text_digest(text: str) -> str:

@@ -36,11 +36,9 @@ class DatasetError(Exception):
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from renderer.plan import file_digest  # the one sha256-of-a-file, shared with job keys
+
+    return file_digest(path)
 
 
 def scan_folder(
