@@ -106,6 +106,7 @@ class RenderActor:
         device: str | None = None,
         dtype: str = "auto",
         warmup_job: dict | None = None,
+        vae: dict | None = None,
     ):
         t0 = time.perf_counter()
         _configure_threads()
@@ -123,7 +124,8 @@ class RenderActor:
         self.load_error: str | None = None
         if base_model is not None:
             try:
-                self._load_base(ResolvedModel.model_validate(base_model), dtype)
+                self._load_base(ResolvedModel.model_validate(base_model), dtype,
+                                ResolvedModel.model_validate(vae) if vae else None)
             except Exception as e:
                 self.load_error = f"{type(e).__name__}: {e}"
         t2 = time.perf_counter()
@@ -137,8 +139,8 @@ class RenderActor:
                 self.startup["warmup_error"] = f"{type(e).__name__}: {e}"
         self._last_stack: tuple | None = None
 
-    def _load_base(self, model: ResolvedModel, dtype: str) -> None:
-        self.renderer.load_base_model(model, dtype)
+    def _load_base(self, model: ResolvedModel, dtype: str, vae: ResolvedModel | None = None) -> None:
+        self.renderer.load_base_model(model, dtype, vae)
 
     def info(self) -> dict:
         """Where this actor runs and what its start cost (for run.json)."""

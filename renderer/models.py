@@ -654,20 +654,17 @@ def compile_pipeline(pipe, mode: str | None = None, backend: str = "inductor") -
 
 
 def load_vae(ref: str, root: Path, device: str, dtype_label: str):
-    """A replacement VAE from a local diffusers folder or `.safetensors` file (e.g. an fp16-safe
-    SDXL VAE: the stock one overflows in fp16, which diffusers works around by upcasting the
-    decode to fp32 — slower and more memory; an fp16-fixed VAE avoids that)."""
+    """A replacement VAE from a local diffusers folder (e.g. an fp16-safe SDXL VAE: the stock one
+    overflows in fp16, which diffusers works around by upcasting the decode to fp32 — slower and
+    more memory; an fp16-fixed VAE avoids that). Single files are refused by the schema: their
+    config would come from the hub."""
     from diffusers import AutoencoderKL
 
     path = Path(root) / ref
     td = torch_dtype(dtype_label)
     try:
-        if path.is_dir():
-            check_diffusers_folder(path, "VAE")
-            vae = AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=True, torch_dtype=td)
-        else:
-            check_safetensors_file(path, "VAE")
-            vae = AutoencoderKL.from_single_file(str(path), local_files_only=True, torch_dtype=td)
+        check_diffusers_folder(path, "VAE")
+        vae = AutoencoderKL.from_pretrained(path, local_files_only=True, use_safetensors=True, torch_dtype=td)
     except JobError:
         raise
     except Exception as e:

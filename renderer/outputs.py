@@ -176,6 +176,8 @@ def format_parameters(job: RenderJob) -> str:
         ("Model hash", short_hash(job.base_model.digest)),
         ("Model", job.base_model.ref),
     ]
+    if job.vae is not None:  # A1111 writes these two for a non-default VAE
+        fields += [("VAE hash", short_hash(job.vae.digest)), ("VAE", job.vae.ref)]
     if job.loras:
         fields.append(("Lora hashes", ", ".join(f"{l.name}: {short_hash(l.digest)}" for l in job.loras)))
     if job.controls:

@@ -98,7 +98,7 @@ class JobRenderer:
             torch.cuda.reset_peak_memory_stats(self.device)
         # 2. base model (one at a time)
         t = time.perf_counter()
-        pipe = self._base_pipe(job.base_model, dtype)
+        pipe = self._base_pipe(job.base_model, dtype, job.vae)
         timings["model_load_s"] = time.perf_counter() - t
         if job.loras and self.performance.get("fuse_qkv"):
             raise JobError(f"{job.name}: performance.fuse_qkv cannot be combined with LoRAs (the fused q/k/v "
@@ -169,9 +169,10 @@ class JobRenderer:
         if self._compiled:
             self._compile_module(controlnet)
 
-    def load_base_model(self, model, dtype: str = "auto") -> None:
-        """Load `model` (a `ResolvedModel`) now, e.g. in an actor's constructor; later jobs reuse it."""
-        self._base_pipe(model, resolve_dtype(dtype, self.device))
+    def load_base_model(self, model, dtype: str = "auto", vae=None) -> None:
+        """Load `model` (a `ResolvedModel`, with an optional replacement `vae`) now, e.g. in an
+        actor's constructor; later jobs on the same model and VAE reuse it."""
+        self._base_pipe(model, resolve_dtype(dtype, self.device), vae)
 
     def unload(self) -> None:
         """Drop every loaded model (frees memory)."""
@@ -187,17 +188,16 @@ class JobRenderer:
 
     # ------------------------------------------------------------------ internals
 
-    def _base_pipe(self, model, dtype: str):
-        key = (model.digest, model.ref, dtype)
+    def _base_pipe(self, model, dtype: str, vae=None):
+        key = (model.digest, model.ref, dtype, vae.digest if vae is not None else None)
         if self._pipe_key == key:
             return self.pipe
         self.unload()  # keep one base model at a time
         offload = bool(self.performance.get("cpu_offload")) and self.device.startswith("cuda")
         pipe = load_base_pipeline(model, self.root, self.device, dtype, to_device=not offload)
         pipe.set_progress_bar_config(disable=True)
-        if self.performance.get("vae"):
-            vae = load_vae(self.performance["vae"], self.root, self.device if not offload else "cpu", dtype)
-            pipe.register_modules(vae=vae)
+        if vae is not None:  # performance.vae, e.g. an fp16-fixed SDXL VAE
+            pipe.register_modules(vae=load_vae(vae.ref, self.root, self.device if not offload else "cpu", dtype))
         self.applied = apply_performance(pipe, self.performance, self.device)
         self.pipe, self._pipe_key, self._model_ref = pipe, key, model.ref
         self._base_scheduler_config = pipe.scheduler.config

@@ -67,6 +67,12 @@ def _model(model, digests: dict[str, str]) -> ResolvedModel:
     return ResolvedModel(ref=model.path, kind="diffusers", digest=digests[model.path])
 
 
+def _vae(path: str | None, digests: dict[str, str]) -> ResolvedModel | None:
+    if path is None:
+        return None
+    return ResolvedModel(ref=path, kind="diffusers", digest=digests[path])
+
+
 def _format_value(value) -> str:
     if isinstance(value, float):
         return f"{value:g}"
@@ -102,6 +108,7 @@ def expand(spec: Spec, digests: dict[str, str]) -> list[RenderJob]:
     presets = resolve_presets(spec)
     base_model = _model(spec.defaults.base_model, digests)
     dtype = spec.performance.dtype
+    vae = _vae(spec.performance.vae, digests)
     jobs: list[RenderJob] = []
 
     for jname, job in spec.jobs.items():
@@ -181,7 +188,7 @@ def expand(spec: Spec, digests: dict[str, str]) -> list[RenderJob]:
                                         width=int(values["width"]), height=int(values["height"]),
                                         num_inference_steps=int(values["num_inference_steps"]),
                                         guidance_scale=float(values["guidance_scale"]),
-                                        scheduler=values["scheduler"], dtype=dtype, base_model=base_model,
+                                        scheduler=values["scheduler"], dtype=dtype, base_model=base_model, vae=vae,
                                         loras=loras, controls=resolved_controls,
                                         sweep={a: v for a, v in combo.items()},
                                         best_of_group=(stem + suffix) if job.best_of > 1 else None,
@@ -234,6 +241,8 @@ def referenced_files(spec: Spec) -> set[str]:
     """Every root-relative path whose bytes change pixels."""
     paths: set[str] = {lora.path for lora in spec.loras.values()}
     models = [spec.defaults.base_model, *spec.defaults.controlnets.values()]
+    if spec.performance.vae:
+        paths.add(spec.performance.vae)
     for scene in spec.scenes.values():
         for control in scene.controls:
             paths.add(control.image)

@@ -265,7 +265,8 @@ def _run_local(todo: list[RenderJob], plan, writer: _Writer, startup: dict, info
 
     t0 = time.perf_counter()
     actor = RenderActor(plan.root, _performance(plan), todo[0].base_model.model_dump(mode="json"), index=0,
-                        dtype=todo[0].dtype, warmup_job=todo[0].model_dump(mode="json"))
+                        dtype=todo[0].dtype, warmup_job=todo[0].model_dump(mode="json"),
+                        vae=todo[0].vae.model_dump(mode="json") if todo[0].vae else None)
     startup["actor_start_s"] = round(time.perf_counter() - t0, 4)
     a_info = actor.info()
     startup["model_load_s"] = round(a_info["startup"]["model_load_s"], 4)
@@ -347,10 +348,11 @@ def _run_ray(
     Actor = ray.remote(_remote_actor_class())
     root, perf = str(plan.root), _performance(plan)
     first_model, first_dtype = todo[0].base_model.model_dump(mode="json"), todo[0].dtype
+    first_vae = todo[0].vae.model_dump(mode="json") if todo[0].vae else None
 
     def start(index: int):
         return Actor.options(runtime_env={"env_vars": worker_env()}, **opts).remote(
-            root, perf, first_model, index, None, first_dtype, todo[0].model_dump(mode="json"))
+            root, perf, first_model, index, None, first_dtype, todo[0].model_dump(mode="json"), first_vae)
 
     class Slot:
         def __init__(self, index: int):

@@ -75,6 +75,7 @@ class RenderJob(_Frozen):
     scheduler: SchedulerName
     dtype: Dtype
     base_model: ResolvedModel
+    vae: ResolvedModel | None = None  # performance.vae: replaces the base model's VAE
     loras: tuple[ResolvedLora, ...] = ()
     controls: tuple[ResolvedControl, ...] = ()
     sweep: dict[str, float | int | str] = Field(default_factory=dict)  # axis -> value, for grids
@@ -95,6 +96,8 @@ class RenderJob(_Frozen):
             "scheduler": self.scheduler,
             "dtype": self.dtype,
             "base_model": self.base_model.digest,
+            # Only when set, so that keys of specs without a VAE override never change.
+            **({"vae": self.vae.digest} if self.vae is not None else {}),
             # LoRA merging is a sum, so stack order does not change pixels: sort for the key.
             "loras": sorted(
                 [{"name": l.name, "digest": l.digest, "weight": l.weight} for l in self.loras],

@@ -306,6 +306,25 @@ class Performance(Strict):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "max-autotune-no-cudagraphs"
     lora_hotswap: bool = False
     max_loaded_loras: int = Field(default=8, ge=1, le=64)
+    vae: str | None = Field(
+        default=None,
+        description="A local diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors) used instead "
+        "of the base model's, e.g. an fp16-fixed SDXL VAE for dtype fp16 (the stock one overflows). Changes pixels, "
+        "so it is part of every job key.",
+    )
+
+    @field_validator("vae")
+    @classmethod
+    def _vae_is_a_local_folder(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if value.startswith("builtin:"):
+            raise ValueError("`vae` is a local VAE folder; a built-in model already has its own VAE")
+        if value.lower().endswith((".safetensors", *PICKLE_SUFFIXES)):
+            # A single-file VAE needs its config from the hub, which castbook never calls.
+            raise ValueError(f"`vae` {value!r} is a single file; give the diffusers VAE folder that contains "
+                             "config.json and diffusion_pytorch_model.safetensors")
+        return value
 
 
 class Scoring(Strict):

@@ -234,6 +234,8 @@ def _path_fields(data: dict) -> Iterator[tuple[Loc, str]]:
                     yield base + ("annotator",), "dir"
                 if get(control, "model") is not None:
                     yield from _model_fields(base + ("model",), control["model"])
+    if isinstance(get(get(data, "performance"), "vae"), str):
+        yield ("performance", "vae"), "dir"
     scoring = get(data, "scoring")
     if isinstance(get(scoring, "weights"), str):
         yield ("scoring", "weights"), "file"

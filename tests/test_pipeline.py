@@ -127,3 +127,26 @@ def test_load_base_model_up_front_is_reused_by_render(exported):
     r.load_base_model(job().base_model, "auto")
     out = r.render(job())
     assert r.stats["model_loads"] == 1 and out.image.size == (64, 64)
+
+
+def test_a_vae_override_replaces_the_decoder(exported):
+    """performance.vae: the base model's own VAE folder gives the same pixels; other weights differ."""
+    from diffusers import AutoencoderKL
+
+    from renderer.outputs import format_parameters
+
+    other = AutoencoderKL.from_pretrained(exported / "tiny" / "vae")
+    with torch.no_grad():
+        other.decoder.conv_out.weight.mul_(0.5)
+    other.save_pretrained(exported / "vae-other", safe_serialization=True)
+    r = JobRenderer(exported)
+    plain = np.array(r.render(job(seed=5)).image)
+    same = ResolvedModel(ref="tiny/vae", kind="diffusers", digest="sha256:same")
+    swapped = ResolvedModel(ref="vae-other", kind="diffusers", digest="sha256:other")
+    assert np.array_equal(np.array(r.render(job(seed=5, vae=same)).image), plain)
+    changed = r.render(job(seed=5, vae=swapped))
+    assert not np.array_equal(np.array(changed.image), plain)
+    assert r.stats["model_loads"] == 3  # a different VAE is a different pipeline
+    assert "VAE: vae-other" in format_parameters(job(seed=5, vae=swapped))
+    with pytest.raises(JobError, match="no model_index.json or config.json"):
+        r.render(job(seed=5, vae=ResolvedModel(ref=".", kind="diffusers", digest="sha256:x")))

@@ -192,3 +192,27 @@ def test_committed_json_schema_is_current(repo_root):
 
     committed = json.loads((repo_root / "castbook.schema.json").read_text())
     assert committed == spec_json_schema(), "run: castbook schema > castbook.schema.json"
+
+
+def test_a_vae_override_is_in_every_key_and_its_bytes_matter(proj):
+    from schemas.loader import SpecErrors
+
+    before = keys_by_name(proj)
+    vae = proj / "vae-fp16-fix"
+    vae.mkdir()
+    (vae / "config.json").write_text("{}")
+    (vae / "diffusion_pytorch_model.safetensors").write_bytes(b"vae-v1")
+    with_vae = keys_by_name(proj, SPEC + "performance: {vae: vae-fp16-fix}\n")
+    assert set(with_vae) == set(before) and all(with_vae[n] != before[n] for n in before)
+    job = load_plan([proj / "spec.yaml"]).jobs[0]
+    assert job.vae.ref == "vae-fp16-fix" and job.vae.kind == "diffusers"
+    (vae / "diffusion_pytorch_model.safetensors").write_bytes(b"vae-v2")
+    assert all(v != with_vae[n] for n, v in keys_by_name(proj).items())
+    # without the field, keys are exactly what they were before the field existed
+    assert keys_by_name(proj, SPEC) == before
+    for bad, message in (("../outside", "outside the project root"), ("vae.safetensors", "single file"),
+                         ("builtin:tiny-sdxl", "already has its own VAE"), ("missing", "not found")):
+        (proj / "spec.yaml").write_text(SPEC + f"performance: {{vae: '{bad}'}}\n")
+        with pytest.raises(SpecErrors) as err:
+            load_plan([proj / "spec.yaml"])
+        assert "performance.vae" in str(err.value) and message in str(err.value), (bad, str(err.value))
