@@ -279,6 +279,7 @@ class Plan:
 
 
 def character_info(spec: Spec, root: Path) -> dict[str, dict]:
+    """Per character, what the reports need from the spec (stored as run.json `characters`)."""
     info = {}
     for name, character in spec.characters.items():
         references = [p.relative_to(root).as_posix() for pattern in character.references
@@ -289,6 +290,9 @@ def character_info(spec: Spec, root: Path) -> dict[str, dict]:
             "references": list(dict.fromkeys(references)),
             "threshold": character.threshold,
             "min_pass_rate": character.min_pass_rate,
+            # Job matrices with `gate: false`: shown in the report, left out of this character's gate.
+            "ungated_jobs": sorted(jname for jname, job in spec.jobs.items()
+                                   if not job.gate and name in job.characters),
         }
     return info
 

@@ -70,7 +70,9 @@ def analyze(run_dir: Path, history: bool = True, cache_dir: Path | None = None) 
     # 5. assemble
     selected = [r for r in records if r["selected"]]
     clip_t = [r["clip_t"] for r in selected if r["clip_t"] is not None]
-    judged = [r for r in selected if r["pass"] is not None]
+    # The run's pass rate counts what the gates count: not baselines marked `gate: false`.
+    ungated = {(name, job) for name, c in characters.items() for job in c.get("ungated_jobs", [])}
+    judged = [r for r in selected if r["pass"] is not None and (r["character"], r["job"]) not in ungated]
     results = {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "generated_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

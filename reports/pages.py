@@ -163,7 +163,8 @@ def consistency_data(a: Analysis) -> dict:
             p = Path(ref["abs_path"])
             refs.append({"path": ref["path"], "href": _rel(p, run_dir) if p.is_file() else None,
                          "thumb": make_thumb(p, run_dir, ref["digest"]) if p.is_file() else None})
-        worst = sorted((r for r in mine if r["selected"] and r["clip_i_mean"] is not None),
+        ungated = set(c.get("ungated_jobs", []))  # baselines are expected to score low: not offenders
+        worst = sorted((r for r in mine if r["selected"] and r["clip_i_mean"] is not None and r["job"] not in ungated),
                        key=lambda r: r["clip_i_mean"])[:6]
         sections.append({"name": name, "summary": c, "refs": refs, "worst": [cells[r["key"]] for r in worst],
                          "grid": _grid(mine, cells), "sweeps": _sweep_grids(mine, cells),

@@ -17,6 +17,8 @@ DEFAULT_THRESHOLD = 0.65
 # Gate rule: a character passes when at least this fraction of its selected images
 # has CLIP-I mean >= its threshold. A spec (run.json characters.<name>.min_pass_rate)
 # may set its own; 0.8 tolerates the odd bad seed but not a drifting character.
+# Images of job matrices with `gate: false` (run.json characters.<name>.ungated_jobs)
+# are scored and shown but left out of this fraction.
 DEFAULT_MIN_PASS_RATE = 0.8
 OK_STATUSES = ("rendered", "cached")
 
@@ -52,6 +54,9 @@ def reference_embeddings(run: Run, clip: ClipScorer, dino: DinoScorer | None) ->
             "min_pass_rate": float(char["min_pass_rate"]) if char.get("min_pass_rate") is not None
             else DEFAULT_MIN_PASS_RATE,
             "references": [{"path": r, "abs_path": str(p), "digest": None} for r, p in zip(refs, paths)],
+            # Job matrices with `gate: false` (renderer.plan.character_info); runs written before
+            # the field existed have none, so every job counts, as it did then.
+            "ungated_jobs": sorted(str(j) for j in char.get("ungated_jobs") or []),
             "clip": None, "dino": None, "ceiling": None, "dino_ceiling": None, "error": None,
         }
         if missing:
@@ -144,12 +149,17 @@ def select_best_of(records: list[dict]) -> dict[str, dict]:
 
 
 def summarize_characters(records: list[dict], refs: dict[str, dict]) -> dict[str, dict]:
-    """Per character: counts, means, min, pass rate over *selected* images only; gate verdict."""
+    """Per character: counts, means, min, pass rate over *selected* images of gated jobs only;
+    gate verdict; and the same counts per job matrix (`by_job`), ungated ones included."""
     out: dict[str, dict] = {}
     names = sorted(set(refs) | {r["character"] for r in records if r["character"]})
     for name in names:
         ref = refs.get(name)
-        mine = [r for r in records if r["character"] == name]
+        ungated = set(ref["ungated_jobs"]) if ref else set()
+        everything = [r for r in records if r["character"] == name]
+        # Ungated jobs (baselines, sweeps to weight 0) are expected to look less like the
+        # character: they are reported per job below, but never move the gate.
+        mine = [r for r in everything if r["job"] not in ungated]
         sel = [r for r in mine if r["selected"] and r["clip_i_mean"] is not None]
         passed = sum(1 for r in sel if r["pass"])
         pass_rate = passed / len(sel) if sel else None
@@ -176,6 +186,28 @@ def summarize_characters(records: list[dict], refs: dict[str, dict]) -> dict[str
             "dino_mean": _mean([r["dino_mean"] for r in sel if r["dino_mean"] is not None]),
             "gate_passed": (pass_rate >= min_rate) if pass_rate is not None else (error is None),
             "error": error,
+            "ungated_jobs": sorted(ungated),
+            "by_job": _by_job(everything, ungated, min_rate),
+        }
+    return out
+
+
+def _by_job(records: list[dict], ungated: set[str], min_rate: float) -> dict[str, dict]:
+    """One character's selected, scored images per job matrix, by job name. `would_pass` is
+    the verdict the job would get on its own (what a baseline *would* score against the gate)."""
+    out: dict[str, dict] = {}
+    # Sorted, not plan order: results.json is written with sorted keys, and the page should agree.
+    for job in sorted({r["job"] for r in records}):
+        sel = [r for r in records if r["job"] == job and r["selected"] and r["clip_i_mean"] is not None]
+        passed = sum(1 for r in sel if r["pass"])
+        rate = passed / len(sel) if sel else None
+        out[job] = {
+            "selected": len(sel),
+            "passed": passed,
+            "pass_rate": _round(rate),
+            "clip_i_mean": _mean([r["clip_i_mean"] for r in sel]),
+            "gated": job not in ungated,
+            "would_pass": (rate >= min_rate) if rate is not None else None,
         }
     return out
 

@@ -248,6 +248,13 @@ class JobMatrix(Strict):
     best_of: int = Field(default=1, ge=1, le=64, description="Render N candidates; scoring keeps the best by CLIP-I.")
     use_loras: bool = Field(default=True, description="false: no LoRA at all (baseline look of the base model).")
     use_controls: bool = True
+    # Not a pixel field: it only changes how reports count the images, so it stays out of
+    # RenderJob and the job key (flipping it re-renders nothing).
+    gate: bool = Field(
+        default=True,
+        description="false: the images are scored and shown, but do not count toward their characters' gate "
+        "(baselines, sweeps that go to weight 0).",
+    )
     loras: list[LoraUseItem] = []
     negative_prompt: str | None = None
     guidance_scale: float | None = Field(default=None, ge=0, le=50)
