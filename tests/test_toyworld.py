@@ -148,6 +148,15 @@ def test_cli_generate_and_eval_folder_and_run_dir(tmp_path, capsys):
     assert _cli(["toyworld", "eval", str(run), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["count"] == 3 and result["attributes"]["colour"]["accuracy"] == 1.0
+    assert result["attributes"]["identity"] == {"correct": 3, "total": 3, "accuracy": 1.0}
+    # --by-job: one result per job matrix (the first part of the image name)
+    plan[0]["name"] = "baseline/x/y/draft/seed-0"
+    (run / "plan.jsonl").write_text("".join(json.dumps(r) + "\n" for r in plan))
+    assert _cli(["toyworld", "eval", str(run), "--json", "--by-job"]) == 0
+    by_job = json.loads(capsys.readouterr().out)["by_job"]
+    assert {k: v["count"] for k, v in by_job.items()} == {"baseline": 1, "main": 2}
+    assert _cli(["toyworld", "eval", str(run), "--by-job"]) == 0
+    assert "job baseline:" in capsys.readouterr().out
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

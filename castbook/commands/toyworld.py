@@ -31,6 +31,7 @@ def register(subparsers) -> None:
     e.add_argument("path", type=Path, help="run directory, generated dataset or captioned image folder")
     e.add_argument("--json", action="store_true", help="print machine-readable JSON")
     e.add_argument("--errors", type=int, default=10, help="list up to N misread images (table mode)")
+    e.add_argument("--by-job", action="store_true", help="run directory: also one table per job matrix")
     p.set_defaults(func=run)
 
 
@@ -62,7 +63,7 @@ def _eval(args: argparse.Namespace) -> int:
     from reports import toyworld_eval as ev
 
     try:
-        result = ev.evaluate_path(args.path)
+        result = ev.evaluate_path(args.path, by_job=args.by_job)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -70,6 +71,9 @@ def _eval(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2, sort_keys=True))
         return 0
     print(ev.format_table(result))
+    for job, sub_result in (result.get("by_job") or {}).items():
+        print(f"\njob {job}:")
+        print(ev.format_table(sub_result))
     for err in result["errors"][: args.errors]:
         wrong = ", ".join(f"{k}: expected {v['expected']}, read {v['predicted']}" for k, v in err["wrong"].items())
         print(f"  {err['name']}: {wrong}")
