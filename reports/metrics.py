@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -292,41 +292,13 @@ class ClipScorer:
     def embed_images(self, paths: Sequence[Path]) -> np.ndarray:
         """L2-normalised embeddings, one row per path (shape N×D)."""
         digests = [self.image_digest(p) for p in paths]
-        out: dict[str, np.ndarray] = {}
-        missing: dict[str, Path] = {}
-        for p, d in zip(paths, digests):
-            if d in out or d in missing:
-                continue
-            hit = self._cache.get("img", d)
-            if hit is not None:
-                self.stats.image_cache_hits += 1
-                out[d] = hit
-            else:
-                missing[d] = Path(p)
-        if missing:
-            for d, vec in zip(missing, self._encode_images(list(missing.values()))):
-                self._cache.put("img", d, vec)
-                out[d] = vec
-        return _stack([out[d] for d in digests])
+        return _embed_cached(self._cache, "img", [Path(p) for p in paths], digests, self._encode_images,
+                             self.stats, "image_cache_hits")
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         digests = [text_digest(t) for t in texts]
-        out: dict[str, np.ndarray] = {}
-        missing: dict[str, str] = {}
-        for t, d in zip(texts, digests):
-            if d in out or d in missing:
-                continue
-            hit = self._cache.get("txt", d)
-            if hit is not None:
-                self.stats.text_cache_hits += 1
-                out[d] = hit
-            else:
-                missing[d] = t
-        if missing:
-            for d, vec in zip(missing, self._encode_texts(list(missing.values()))):
-                self._cache.put("txt", d, vec)
-                out[d] = vec
-        return _stack([out[d] for d in digests])
+        return _embed_cached(self._cache, "txt", list(texts), digests, self._encode_texts, self.stats,
+                             "text_cache_hits")
 
     def _encode_images(self, paths: list[Path]) -> list[np.ndarray]:
         import torch  # noqa: PLC0415
@@ -388,39 +360,50 @@ class DinoScorer:
 
     def embed_images(self, paths: Sequence[Path]) -> np.ndarray:
         digests = [self._digests.digest(p) for p in paths]
-        out: dict[str, np.ndarray] = {}
-        missing: dict[str, Path] = {}
-        for p, d in zip(paths, digests):
-            if d in out or d in missing:
-                continue
-            hit = self._cache.get("img", d)
-            if hit is not None:
-                self.stats.image_cache_hits += 1
-                out[d] = hit
-            else:
-                missing[d] = Path(p)
-        if missing:
-            import torch  # noqa: PLC0415
-            from PIL import Image  # noqa: PLC0415
-            from torchvision.transforms import v2 as T  # noqa: PLC0415
+        return _embed_cached(self._cache, "img", [Path(p) for p in paths], digests, self._encode_images,
+                             self.stats, "image_cache_hits")
 
-            model = self._load()
-            size = int(model.config.image_size)
-            tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToImage(), T.ToDtype(torch.float32, scale=True),
-                            T.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))])
-            for batch in _batches(list(missing.items()), _BATCH):
-                xs = []
-                for _, p in batch:
-                    with Image.open(p) as im:
-                        xs.append(tf(im.convert("RGB")))
-                with torch.inference_mode():
-                    cls = model(pixel_values=torch.stack(xs).to(self.device)).pooler_output
-                    cls = torch.nn.functional.normalize(cls.float(), dim=-1).cpu().numpy()
-                self.stats.image_model_calls += len(batch)
-                for (d, _), vec in zip(batch, cls):
-                    self._cache.put("img", d, vec)
-                    out[d] = vec
-        return _stack([out[d] for d in digests])
+    def _encode_images(self, paths: list[Path]) -> list[np.ndarray]:
+        import torch  # noqa: PLC0415
+        from PIL import Image  # noqa: PLC0415
+        from torchvision.transforms import v2 as T  # noqa: PLC0415
+
+        model = self._load()
+        size = int(model.config.image_size)
+        tf = T.Compose([T.Resize(size), T.CenterCrop(size), T.ToImage(), T.ToDtype(torch.float32, scale=True),
+                        T.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))])
+        vecs: list[np.ndarray] = []
+        for batch in _batches(paths, _BATCH):
+            xs = []
+            for p in batch:
+                with Image.open(p) as im:
+                    xs.append(tf(im.convert("RGB")))
+            with torch.inference_mode():
+                cls = model(pixel_values=torch.stack(xs).to(self.device)).pooler_output
+                vecs.extend(torch.nn.functional.normalize(cls.float(), dim=-1).cpu().numpy())
+            self.stats.image_model_calls += len(batch)
+        return vecs
+
+
+def _embed_cached(cache: "_EmbeddingCache", kind: str, inputs: list, digests: list[str],
+                  encode: Callable[[list], list[np.ndarray]], stats: ScorerStats, hits_field: str) -> np.ndarray:
+    """One row per input: cached vectors by content digest; `encode` runs once, on the distinct misses."""
+    out: dict[str, np.ndarray] = {}
+    missing: dict[str, object] = {}
+    for item, d in zip(inputs, digests):
+        if d in out or d in missing:
+            continue
+        hit = cache.get(kind, d)
+        if hit is not None:
+            setattr(stats, hits_field, getattr(stats, hits_field) + 1)
+            out[d] = hit
+        else:
+            missing[d] = item
+    if missing:
+        for d, vec in zip(missing, encode(list(missing.values()))):
+            cache.put(kind, d, vec)
+            out[d] = vec
+    return _stack([out[d] for d in digests])
 
 
 def _batches(items: list, n: int) -> Iterable[list]:
