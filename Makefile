@@ -12,7 +12,7 @@ export HF_DATASETS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test venv browser clean toy-model
+.PHONY: demo test venv browser clean toy-model toy-data
 
 venv: $(STAMP)
 
@@ -38,10 +38,18 @@ demo: $(STAMP)
 	$(VENV)/bin/castbook plan specs/examples/luca.yaml
 	$(VENV)/bin/castbook render specs/examples/luca.yaml --out runs
 
-# Retrain the toy-world models from the committed recipes (about 1.5 h on 2 free CPU cores).
-toy-model: $(STAMP)
+# The toy-world training sets of the example character (generated, deterministic, not committed).
+toy-data: $(STAMP)
+	$(VENV)/bin/castbook toyworld generate --out data/toy/luca --count 32 --seed 0 --character luca
+	$(VENV)/bin/castbook toyworld generate --out data/toy/world --count 512 --seed 7
+
+# Retrain the toy-world models from the committed recipes (about 2 h on 2 CPU cores; see
+# benchmarks/RESULTS.md): toy CLIP, base model, ControlNet, then the luca LoRA on that base.
+toy-model: toy-data
 	$(VENV)/bin/castbook toymodel train-clip specs/toy/toy-clip.yaml
 	$(VENV)/bin/castbook toymodel train-base specs/toy/toy-base.yaml
+	$(VENV)/bin/castbook toymodel train-controlnet specs/toy/toy-controlnet.yaml
+	$(VENV)/bin/castbook train specs/training/luca.yaml
 
 clean:
 	rm -rf runs .pytest_cache

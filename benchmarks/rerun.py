@@ -3,7 +3,7 @@
 Both runs are `castbook render` subprocesses on a fresh output root, so each pays the
 CLI's start-up like a user does. Prints the ratio (target ≤ 0.05); no assertions.
 
-    python benchmarks/rerun.py [--spec specs/examples/luca.yaml] [--executor ray|local] [--with-report]
+    python benchmarks/rerun.py [--spec specs/examples/tiny.yaml] [--executor ray|local] [--with-report]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def render(spec: str, out: Path, executor: str, report: bool) -> tuple[float, di
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--spec", default="specs/examples/luca.yaml")
+    ap.add_argument("--spec", default="specs/examples/tiny.yaml")
     ap.add_argument("--executor", choices=("ray", "local"), default="ray")
     ap.add_argument("--with-report", action="store_true", help="also write the HTML reports after each run")
     a = ap.parse_args()

@@ -31,6 +31,8 @@ from schemas.builtins import builtin_digest as _recipe_digest
 
 BUILTIN_SEED = 0
 TOY_SDXL_DIR = Path(__file__).resolve().parent / "weights" / "toy" / "sdxl"
+# Trained by `castbook toymodel train-controlnet specs/toy/toy-controlnet.yaml` (trainer/toy_controlnet.py).
+TOY_CONTROLNET_DIR = Path(__file__).resolve().parent / "weights" / "toy" / "controlnet"
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".safetensors",)
@@ -347,6 +349,14 @@ def builtin_dir(name: str) -> Path:
         raise JobError("builtin:sdxl-random is built in memory, not saved; it has no folder")
     if name == "toy-sdxl":  # trained by castbook, shipped in the repo rather than built
         return TOY_SDXL_DIR
+    if name == "toy-controlnet":  # trained on drawn pose maps, shipped like toy-sdxl (fp16; loaded as asked)
+        if not (TOY_CONTROLNET_DIR / "config.json").is_file():
+            raise JobError(
+                f"builtin:toy-controlnet has no trained weights: {TOY_CONTROLNET_DIR} is missing or has no "
+                f"config.json. Train it once with `castbook toymodel train-controlnet specs/toy/toy-controlnet.yaml` "
+                f"(about 15 minutes on one CPU thread), or name another ControlNet in the spec's `model:`"
+            )
+        return TOY_CONTROLNET_DIR
     final = castbook_home() / "builtins" / f"{name}-r{BUILTIN_RECIPES[name]}"
     if (final / "model_index.json").exists() or (final / "config.json").exists():
         return final
@@ -378,14 +388,6 @@ def _save_builtin(name: str, out: Path) -> None:
             builtin_dir("tiny-sdxl") / "unet", local_files_only=True, use_safetensors=True
         )
         build_tiny_controlnet(unet).save_pretrained(out, safe_serialization=True)
-    elif name == "toy-controlnet":
-        from diffusers import UNet2DConditionModel
-
-        import torch
-
-        unet = UNet2DConditionModel.from_pretrained(TOY_SDXL_DIR / "unet", local_files_only=True,
-                                                    use_safetensors=True, torch_dtype=torch.float32)
-        build_tiny_controlnet(unet, conditioning_channels=(16, 32, 64)).save_pretrained(out, safe_serialization=True)
     else:
         raise JobError(f"built-in {name!r} cannot be saved to a folder")
 

@@ -402,6 +402,22 @@ def render(colour: str, shape: str, eyes: str, expression: str, background: str,
     return img.resize((size, size), Image.Resampling.BOX)
 
 
+def pose_map(shape: str, pose: Pose, size: int = 64) -> Image.Image:
+    """The character's outline as a white line (~1.5 px) on black: a drawn pose map.
+
+    Same geometry as ``render``'s body (``_shape_polygon`` through ``_xf``), drawn at ``_SS``x
+    and box-downsampled like it, so the line lies on the border of the rendered body. This is
+    what ``builtin:toy-controlnet`` is trained on (through a canny control); a user can draw
+    the same thing by hand.
+    """
+    k = _SS
+    img = Image.new("RGB", (size * k, size * k), (0, 0, 0))
+    pts = _xf(_shape_polygon(shape), pose, k)
+    # A closed line centred on the border (polygon(outline=..., width=...) would draw inside it).
+    ImageDraw.Draw(img).line(pts + pts[:1], fill=(255, 255, 255), width=round(1.5 * k), joint="curve")
+    return img.resize((size, size), Image.Resampling.BOX)
+
+
 # --- sampling -------------------------------------------------------------------------
 
 

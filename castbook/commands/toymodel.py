@@ -1,4 +1,4 @@
-"""`castbook toymodel train-base|train-clip|eval-base SPEC`: train the toy-world built-ins from scratch."""
+"""`castbook toymodel train-base|train-clip|train-controlnet|eval-base SPEC`: train the toy-world built-ins."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from pathlib import Path
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "toymodel",
-        help="train the toy-world base model (VAE + UNet) or toy CLIP from scratch on a CPU",
-        description="Train builtin:toy-sdxl / builtin:toy-clip from a recipe in specs/toy/ (see docs/TOYWORLD.md).",
+        help="train the toy-world base model (VAE + UNet), its ControlNet or toy CLIP on a CPU",
+        description="Train builtin:toy-sdxl / builtin:toy-controlnet / builtin:toy-clip from a recipe in specs/toy/ "
+                    "(see docs/TOYWORLD.md).",
     )
-    sub = p.add_subparsers(dest="toymodel_command", metavar="{train-base,train-decoder,export-base,train-clip,eval-base}")
+    sub = p.add_subparsers(dest="toymodel_command",
+                           metavar="{train-base,train-decoder,export-base,train-clip,train-controlnet,eval-base}")
     sub.required = True
     b = sub.add_parser("train-base", help="VAE then UNet from scratch; writes a diffusers folder (e.g. renderer/weights/toy/sdxl)")
     b.add_argument("spec", type=Path, help="recipe YAML, e.g. specs/toy/toy-base.yaml")
@@ -27,6 +29,10 @@ def register(subparsers) -> None:
     x.add_argument("--note", default="", help="free text stored in the training record (e.g. why it was stopped)")
     c = sub.add_parser("train-clip", help="contrastive toy CLIP; writes renderer/weights/toy/clip")
     c.add_argument("spec", type=Path, help="recipe YAML, e.g. specs/toy/toy-clip.yaml")
+    n = sub.add_parser("train-controlnet",
+                       help="ControlNet on drawn pose maps (canny); writes renderer/weights/toy/controlnet, then eval")
+    n.add_argument("spec", type=Path, help="recipe YAML, e.g. specs/toy/toy-controlnet.yaml")
+    n.add_argument("--no-eval", action="store_true", help="skip the with/without-control pose evaluation at the end")
     e = sub.add_parser("eval-base", help="render the fixed prompt grid with a trained base model and check it")
     e.add_argument("spec", type=Path, help="the recipe YAML the model was trained with (its eval section is used)")
     e.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the spec's output)")
@@ -50,6 +56,14 @@ def run(args: argparse.Namespace) -> int:
             spec = toy_clip.load_clip_spec(args.spec)
             record = toy_clip.run_clip(spec, _root_for(args.spec), log=lambda m: print(m, flush=True))
             print(json.dumps(record["retrieval_held_out"], indent=2))
+            return 0
+        if args.toymodel_command == "train-controlnet":
+            from trainer import toy_controlnet
+
+            spec = toy_controlnet.load_controlnet_spec(args.spec)
+            record = toy_controlnet.run_controlnet(spec, _root_for(args.spec), log=lambda m: print(m, flush=True),
+                                                   do_eval=not args.no_eval)
+            print(json.dumps(record.get("eval", {}), indent=2))
             return 0
         from trainer import from_scratch
 

@@ -30,6 +30,12 @@ def _toy_base_schema():
     return ToyBaseSpec
 
 
+def _toy_controlnet_schema():
+    from trainer.toy_controlnet import ToyControlNetSpec
+
+    return ToyControlNetSpec
+
+
 def _toy_clip_schema():
     from trainer.toy_clip import ToyClipSpec
 
@@ -41,6 +47,9 @@ def _toy_clip_schema():
 SPEC_KINDS = (
     ("training spec", lambda keys: "dataset" in keys and "jobs" not in keys, _training_schema),
     ("toy base-model recipe", lambda keys: {"vae", "unet"} <= keys, _toy_base_schema),
+    # `base` (the frozen base model) and top-level `steps` are the ControlNet recipe's own keys.
+    ("toy ControlNet recipe", lambda keys: bool(keys & {"base", "steps"}) and not keys & {"jobs", "dataset", "train"},
+     _toy_controlnet_schema),
     ("toy CLIP recipe", lambda keys: {"data", "train", "output"} <= keys and "dataset" not in keys, _toy_clip_schema),
 )
 
