@@ -14,7 +14,7 @@ BUILTIN_RECIPES: dict[str, int] = {
     # Bump when they are retrained.
     "toy-sdxl": 1,
     "toy-controlnet": 1,  # ControlNet made from toy-sdxl's UNet (its VAE downsamples 4x)
-    "toy-clip": 1,  # default scorer wherever the base model is builtin:toy-sdxl
+    "toy-clip": 2,  # default scorer wherever the base model is builtin:toy-sdxl
 }
 
 BASE_MODELS = ("tiny-sdxl", "sdxl-random", "toy-sdxl")
