@@ -37,6 +37,12 @@ demo: $(STAMP)
 	$(VENV)/bin/castbook validate specs/examples/luca.yaml
 	$(VENV)/bin/castbook plan specs/examples/luca.yaml
 	$(VENV)/bin/castbook render specs/examples/luca.yaml --out runs
+	@run=$$(ls -td runs/*/ | head -1); \
+	  echo; echo "== what the pixels show, per job (castbook toyworld eval $$run --by-job)"; \
+	  $(VENV)/bin/castbook toyworld eval $$run --by-job --errors 0; \
+	  echo; echo "== the consistency gate (castbook check $$run)"; \
+	  $(VENV)/bin/castbook check $$run; \
+	  echo; echo "open $${run}report.html"
 
 # The toy-world training sets of the example character (generated, deterministic, not committed).
 toy-data: $(STAMP)

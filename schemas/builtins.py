@@ -17,6 +17,14 @@ BUILTIN_RECIPES: dict[str, int] = {
     "toy-clip": 2,  # default scorer wherever the base model is builtin:toy-sdxl
 }
 
+# What each shipped (trained) built-in's recipe number stands for: `renderer.plan.folder_digest`
+# of its folder in renderer/weights/toy/. A test fails when the committed weights change without
+# a new recipe number above, which would let images cached from the old weights pass as new.
+SHIPPED_WEIGHTS: dict[str, str] = {
+    "toy-sdxl": "d5d491832310c83a522d167e74e9ef1bb04c425ec3b069d8bb8d3e04059cb853",
+    "toy-clip": "9ccc00390c3efaaa9d929c6e35df387d0d8d124f728008f4a2d3f34a61b666ad",
+}
+
 BASE_MODELS = ("tiny-sdxl", "sdxl-random", "toy-sdxl")
 CONTROLNET_MODELS = ("tiny-controlnet", "toy-controlnet")
 CLIP_MODELS = ("tiny-clip", "toy-clip")

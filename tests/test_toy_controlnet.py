@@ -19,6 +19,7 @@ from scipy import ndimage  # noqa: E402
 from trainer import from_scratch as fs  # noqa: E402
 from trainer import toy_controlnet as tc  # noqa: E402
 from trainer import toyworld as tw  # noqa: E402
+from schemas.builtins import builtin_digest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "renderer" / "weights" / "toy" / "sdxl"
@@ -103,7 +104,7 @@ def test_control_image_is_byte_equal_to_what_the_renderer_prepares(tmp_path):
     # what `castbook plan` resolves for `{type: canny, image: pose.png}` (preprocess defaults to on)
     control = ResolvedControl(type="canny", image="pose.png", image_digest="0" * 64, scale=1.0, preprocess=True,
                               model=ResolvedModel(ref="builtin:toy-controlnet", kind="builtin",
-                                                  digest="builtin:toy-controlnet@r1"),
+                                                  digest=builtin_digest("toy-controlnet")),
                               detector="canny", detector_params=dict(tc.CANNY_PARAMS))
     rendered, _ = ControlPreparer(tmp_path).prepare(control, 64, 64)
     ours = tc.control_image(pose, 64)
@@ -194,7 +195,7 @@ def test_renderer_loads_the_trained_folder_as_builtin_toy_controlnet(smoke_run, 
 
     _, out, _, _ = smoke_run
     monkeypatch.setattr(models, "TOY_CONTROLNET_DIR", out)
-    cn_ref = ResolvedModel(ref="builtin:toy-controlnet", kind="builtin", digest="builtin:toy-controlnet@r1")
+    cn_ref = ResolvedModel(ref="builtin:toy-controlnet", kind="builtin", digest=builtin_digest("toy-controlnet"))
     cn = models.load_controlnet(cn_ref, REPO, "cpu", "fp32")
     assert cn.dtype == torch.float32  # fp16 on disk, loaded as the job asks
     # a whole job through the renderer: toy-sdxl + a canny control on a drawn pose map
@@ -206,7 +207,7 @@ def test_renderer_loads_the_trained_folder_as_builtin_toy_controlnet(smoke_run, 
     job = RenderJob(key="t", name="t/toy/beach/draft/seed-1", job="t", character=None, scene="beach", preset="draft",
                     prompt=label.caption, negative_prompt="", seed=1, width=64, height=64, num_inference_steps=2,
                     guidance_scale=5.0, scheduler="euler", dtype="fp32",
-                    base_model=ResolvedModel(ref="builtin:toy-sdxl", kind="builtin", digest="builtin:toy-sdxl@r1"),
+                    base_model=ResolvedModel(ref="builtin:toy-sdxl", kind="builtin", digest=builtin_digest("toy-sdxl")),
                     controls=(control,))
     result = JobRenderer(root).render(job)
     assert result.image.size == (64, 64)

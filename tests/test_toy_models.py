@@ -251,13 +251,14 @@ def test_toy_builtins_are_wired_into_plan_render_and_scoring(tmp_path):
     from renderer.pipeline import JobRenderer
     from renderer.plan import load_plan
     from reports.metrics import ClipScorer
+    from schemas.builtins import builtin_digest
 
     if not (TOY / "sdxl" / "model_index.json").exists():
         pytest.skip("renderer/weights/toy/sdxl not trained yet")
     plan = load_plan([REPO / "specs" / "examples" / "toyworld.yaml"], overrides=["presets.toy.num_inference_steps=2"])
     assert plan.scoring["model"] == "builtin:toy-clip"
     job = next(j for j in plan.jobs if j.controls)
-    assert job.base_model.digest == "builtin:toy-sdxl@r1"
+    assert job.base_model.digest == builtin_digest("toy-sdxl")
     assert job.controls[0].model.ref == "builtin:toy-controlnet"  # 4x-downsampling conditioning, matches the toy VAE
     out = JobRenderer(REPO).render(job)
     assert out.image.size == (64, 64)
@@ -265,3 +266,16 @@ def test_toy_builtins_are_wired_into_plan_render_and_scoring(tmp_path):
     out.image.save(image)
     scorer = ClipScorer("builtin:toy-clip")
     assert scorer.embed_images([image]).shape == (1, 64)
+
+
+def test_shipped_weights_match_their_recipe_number():
+    """Retrained weights need a new recipe number (schemas/builtins.py), or cached images lie."""
+    from renderer.plan import folder_digest
+    from schemas.builtins import BUILTIN_RECIPES, SHIPPED_WEIGHTS
+
+    folders = {"toy-sdxl": TOY / "sdxl", "toy-clip": TOY / "clip", "toy-controlnet": TOY / "controlnet"}
+    assert set(SHIPPED_WEIGHTS) <= set(folders)
+    for name, expected in SHIPPED_WEIGHTS.items():
+        assert folder_digest(folders[name]) == expected, (
+            f"renderer/weights/toy/{folders[name].name} changed: bump BUILTIN_RECIPES[{name!r}] "
+            f"(now {BUILTIN_RECIPES[name]}) and record the new digest in SHIPPED_WEIGHTS")
