@@ -87,6 +87,9 @@ class TrainSpec(_Frozen):
     weight_decay: float = 1e-2
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0
+    # CPU threads for torch. The thread count changes float sums, so a fixed value is what makes
+    # two runs of one spec on one machine give the same file; null = torch's default.
+    threads: int | None = Field(None, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     resolution: int = Field(1024, ge=8)

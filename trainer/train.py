@@ -417,6 +417,8 @@ class Trainer:
         # as training scripts do, so two runs of one spec start from the same weights.
         import torch
 
+        if spec.train.threads:
+            torch.set_num_threads(spec.train.threads)
         torch.manual_seed(spec.train.seed)
         self.param_groups = add_adapters(spec, self.models)  # 3.
         self._setup_optimizer()  # 4.
