@@ -12,7 +12,7 @@ BUILTIN_RECIPES: dict[str, int] = {
     "tiny-clip": 1,  # open_clip model from a tiny config: the default scorer
     # Trained by castbook on the procedural toy world; weights ship in renderer/weights/toy/.
     # Bump when they are retrained.
-    "toy-sdxl": 1,
+    "toy-sdxl": 2,
     "toy-controlnet": 1,  # ControlNet made from toy-sdxl's UNet (its VAE downsamples 4x)
     "toy-clip": 2,  # default scorer wherever the base model is builtin:toy-sdxl
 }
@@ -21,7 +21,7 @@ BUILTIN_RECIPES: dict[str, int] = {
 # of its folder in renderer/weights/toy/. A test fails when the committed weights change without
 # a new recipe number above, which would let images cached from the old weights pass as new.
 SHIPPED_WEIGHTS: dict[str, str] = {
-    "toy-sdxl": "d5d491832310c83a522d167e74e9ef1bb04c425ec3b069d8bb8d3e04059cb853",
+    "toy-sdxl": "86c4309a572a87633f33293a9d3d2fd93ccc966ae599a9a180575037d63f6645",
     "toy-clip": "9ccc00390c3efaaa9d929c6e35df387d0d8d124f728008f4a2d3f34a61b666ad",
 }
 
