@@ -150,7 +150,7 @@ def test_registry_entry_added_and_comments_kept(trained):
     text = (root / "specs" / "loras.yaml").read_text()
     assert text.startswith(REGISTRY.rstrip("\n"))  # everything before, byte for byte (comments, order)
     entry = YAML(typ="safe").load(text)["loras"]["toy"]
-    assert entry["path"] == "out/toy.safetensors"
+    assert entry["path"] == "../out/toy.safetensors"  # relative to the registry file, like every spec path
     assert entry["kind"] == "character" and entry["trigger_words"] == ["zqx"] and entry["rank"] == 4
     assert list(YAML(typ="safe").load(text)["loras"]) == ["luca_character", "portorosso_bg", "toy"]
 
@@ -160,9 +160,16 @@ def test_registry_validates_against_the_spec_schema(trained):
 
     from schemas.spec import LoraEntry
 
-    root, _, _ = trained
+    root, _, result = trained
     for entry in YAML(typ="safe").load((root / "specs" / "loras.yaml").read_text())["loras"].values():
         LoraEntry.model_validate(entry)
+    # A spec that includes the registry finds the trained file.
+    from schemas.spec_loader import load_spec
+
+    toy = YAML(typ="safe").load((root / "specs" / "loras.yaml").read_text())["loras"]["toy"]
+    (root / "specs" / "only_toy.yaml").write_text(json.dumps({"loras": {"toy": toy}}))  # JSON is YAML
+    (root / "specs" / "uses.yaml").write_text("include: [only_toy.yaml]\n")
+    assert load_spec([root / "specs" / "uses.yaml"], root=root).spec.loras["toy"].path == "out/toy.safetensors"
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ training metadata added to the safetensors header.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -137,7 +138,8 @@ def finish(trainer, result) -> None:
         registry = trainer.root / spec.output.registry
         main = result.lora_file or result.kohya_file
         entry = {
-            "path": main.relative_to(trainer.root).as_posix() if main.is_relative_to(trainer.root) else str(main),
+            # Spec paths are relative to the file that names them: here, the registry's folder.
+            "path": Path(os.path.relpath(main, registry.parent)).as_posix(),
             "kind": spec.kind,
             "trigger_words": [spec.dataset.trigger] if spec.dataset.trigger else [],
             "rank": spec.lora.rank,
