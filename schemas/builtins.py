@@ -13,7 +13,7 @@ BUILTIN_RECIPES: dict[str, int] = {
     # Trained by castbook on the procedural toy world; weights ship in renderer/weights/toy/.
     # Bump when they are retrained.
     "toy-sdxl": 2,
-    "toy-controlnet": 1,  # ControlNet made from toy-sdxl's UNet (its VAE downsamples 4x)
+    "toy-controlnet": 2,  # ControlNet trained on toy-sdxl with drawn pose maps (retrain it with the base)
     "toy-clip": 2,  # default scorer wherever the base model is builtin:toy-sdxl
 }
 
@@ -22,6 +22,7 @@ BUILTIN_RECIPES: dict[str, int] = {
 # a new recipe number above, which would let images cached from the old weights pass as new.
 SHIPPED_WEIGHTS: dict[str, str] = {
     "toy-sdxl": "86c4309a572a87633f33293a9d3d2fd93ccc966ae599a9a180575037d63f6645",
+    "toy-controlnet": "4d921fbf29ca6e75d422a743ac1b3498373911a8eda531f753d075fd3f5b8670",
     "toy-clip": "9ccc00390c3efaaa9d929c6e35df387d0d8d124f728008f4a2d3f34a61b666ad",
 }
 
