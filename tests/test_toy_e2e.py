@@ -9,8 +9,11 @@ On the committed toy-world model (builtin:toy-sdxl), with the committed LoRA rec
 3. the pixel checker (`castbook toyworld eval`) and the toy CLIP (`castbook report`) read the
    images back.
 
-Margins are calibrated on the committed models; see benchmarks/RESULTS.md for the measured
-figures they leave room around.
+Margins are calibrated on the committed models. Measured 2026-11-30 on the 2-core CPU box
+(2 min 52 s for the whole test): hit rate 0.00 -> 1.00 (12 images each), toy-CLIP CLIP-I
+-0.141 -> 0.401, other characters' colour/shape/background accuracy 0.98 -> 0.97. Without prior
+preservation the same LoRA took the other characters' colour accuracy from 100 % to 49 %
+(benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ TOY_BASE = REPO / "renderer" / "weights" / "toy" / "sdxl"
 MAX_HIT_WITHOUT = 0.20
 MIN_HIT_WITH = 0.60
 # toy-CLIP CLIP-I of luca's images against the references: the LoRA must raise the mean by this.
-MIN_CLIP_I_GAIN = 0.05
+MIN_CLIP_I_GAIN = 0.25  # measured gain 0.54
 # Other characters, with the LoRA loaded at full weight: mean accuracy of colour, shape and
 # background may drop by at most this much (prior preservation keeps the rest of the world).
 MAX_OTHERS_DROP = 0.10
