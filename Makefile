@@ -49,7 +49,7 @@ toy-data: $(STAMP)
 	$(VENV)/bin/castbook toyworld generate --out data/toy/luca --count 32 --seed 0 --character luca
 	$(VENV)/bin/castbook toyworld generate --out data/toy/world --count 512 --seed 7
 
-# Retrain the toy-world models from the committed recipes (about 2 h on 2 CPU cores; see
+# Retrain the toy-world models from the committed recipes (about 2.5 h on a 2-core CPU; see
 # benchmarks/RESULTS.md): toy CLIP, base model, ControlNet, then the luca LoRA on that base.
 toy-model: toy-data
 	$(VENV)/bin/castbook toymodel train-clip specs/toy/toy-clip.yaml
