@@ -121,7 +121,8 @@ def _sweep_grids(records: list[dict], cells: dict[str, dict]) -> list[dict]:
 
 
 def _grid(records: list[dict], cells: dict[str, dict]) -> dict:
-    """Scenes down, preset/seed/candidate across; worst scene first."""
+    """Scenes down (one row per job matrix and scene when there are several matrices: a baseline
+    and its LoRA job share scene, preset and seed), preset/seed/candidate across; worst row first."""
     plain = [r for r in records if not r["sweep"]]
 
     def col_of(r: dict) -> tuple:  # natural order: preset, then seed, then candidate
@@ -131,18 +132,20 @@ def _grid(records: list[dict], cells: dict[str, dict]) -> dict:
     col_keys = sorted({col_of(r) for r in plain})
     labels = {col_of(r): cells[r["key"]]["label"] for r in plain}
     columns = [labels[k] for k in col_keys]
-    scenes: dict[str, list[dict]] = {}
+    several_jobs = len({r["job"] for r in plain}) > 1
+    scenes: dict[tuple[str, str], list[dict]] = {}
     for r in plain:
-        scenes.setdefault(r["scene"] or "-", []).append(r)
+        scenes.setdefault((r["job"] or "", r["scene"] or "-"), []).append(r)
 
     def worst(rs: list[dict]) -> float:
         vals = [r["clip_i_mean"] for r in rs if r["selected"] and r["clip_i_mean"] is not None]
         return min(vals) if vals else float("inf")
 
     rows = []
-    for scene, rs in sorted(scenes.items(), key=lambda kv: (worst(kv[1]), kv[0])):
+    for (job, scene), rs in sorted(scenes.items(), key=lambda kv: (worst(kv[1]), kv[0])):
         by_col = {col_of(r): cells[r["key"]] for r in rs}
-        rows.append({"scene": scene, "cells": [by_col.get(c) for c in col_keys]})
+        rows.append({"scene": scene, "job": job, "label": f"{job} · {scene}" if several_jobs else scene,
+                     "cells": [by_col.get(c) for c in col_keys]})
     return {"columns": columns, "rows": rows}
 
 

@@ -213,3 +213,13 @@ def test_an_ungated_job_that_would_pass_says_so(tmp_path):
     rows = job_rows(write_reports(run_dir)["consistency"])
     assert "not gated — would pass" in rows[("luca", "baseline")]["text"]
     assert rows[("luca", "baseline")]["badges"] == ["badge pass"]
+
+
+def test_all_images_grid_has_a_row_per_job_and_scene(ungated):
+    """A baseline shares scene, preset and seed with its LoRA job: both must be visible."""
+    import re
+
+    _, paths, _ = ungated
+    text = paths["consistency"].read_text(encoding="utf-8")
+    rows = re.findall(r'<tr data-scene="([^"]*)" data-grid-job="([^"]*)"><th class="rowhead">([^<]*)</th>', text)
+    assert sorted(rows) == [("beach", "baseline", "baseline · beach"), ("beach", "main", "main · beach")]
