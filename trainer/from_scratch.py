@@ -377,17 +377,23 @@ class UnetData:
         idx = torch.randint(0, len(self.latents), (n,), generator=generator)
         e = self.embeds[self.index[idx]].clone()
         p = self.pooled[self.index[idx]].clone()
-        # CFG dropout: half of the dropped captions become zeros (what the pipeline uses for a
-        # missing negative prompt, force_zeros_for_empty_prompt), half the encoded "" (what
-        # it uses for negative_prompt="").
-        r = torch.rand(n, generator=generator)
-        zero = r < dropout / 2
-        empty = (r >= dropout / 2) & (r < dropout)
-        e[zero] = 0
-        p[zero] = 0
-        e[empty] = self.empty_embeds
-        p[empty] = self.empty_pooled
+        drop_captions(e, p, self.empty_embeds, self.empty_pooled, dropout, generator)
         return self.latents[idx], e, p
+
+
+def drop_captions(embeds, pooled, empty_embeds, empty_pooled, dropout: float, generator) -> None:
+    """Caption dropout for classifier-free guidance, in place: half of the dropped captions become
+    zeros (what the pipeline uses for a missing negative prompt, force_zeros_for_empty_prompt),
+    half the encoded "" (what it uses for negative_prompt="")."""
+    import torch
+
+    r = torch.rand(len(embeds), generator=generator)
+    zero = r < dropout / 2
+    empty = (r >= dropout / 2) & (r < dropout)
+    embeds[zero] = 0
+    pooled[zero] = 0
+    embeds[empty] = empty_embeds
+    pooled[empty] = empty_pooled
 
 
 def train_unet(data: UnetData, spec: UnetSpec, seed: int, size: int, scheduler_config,

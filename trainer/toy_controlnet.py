@@ -185,18 +185,12 @@ def sample_batch(data: ControlData, n: int, caption_dropout: float, control_drop
     """(latents, prompt embeds, pooled, control tensor) for `n` random images."""
     import torch
 
+    from trainer import from_scratch as fs
+
     idx = torch.randint(0, len(data.latents), (n,), generator=generator)
     e = data.embeds[data.index[idx]].clone()
     p = data.pooled[data.index[idx]].clone()
-    # Caption dropout as in from_scratch.UnetData: half zeros (the pipeline's negative for a missing
-    # negative prompt), half the encoded "" (its negative for negative_prompt="").
-    r = torch.rand(n, generator=generator)
-    zero = r < caption_dropout / 2
-    empty = (r >= caption_dropout / 2) & (r < caption_dropout)
-    e[zero] = 0
-    p[zero] = 0
-    e[empty] = data.empty_embeds
-    p[empty] = data.empty_pooled
+    fs.drop_captions(e, p, data.empty_embeds, data.empty_pooled, caption_dropout, generator)
     c = control_tensor(data.control[idx])
     if control_dropout:
         c[torch.rand(n, generator=generator) < control_dropout] = 0
