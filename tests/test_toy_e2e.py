@@ -93,14 +93,12 @@ def _render_spec(root: Path) -> Path:
             "luca_lora": {"characters": ["luca"], "scenes": BACKGROUNDS, "seeds": {"count": 4, "start": 1}},
             "luca_base": {"characters": ["luca"], "scenes": BACKGROUNDS, "seeds": {"count": 4, "start": 1},
                           "use_loras": False},
-            "others_lora": {"characters": [f"{c}_{s}" for c, s, _ in OTHERS], "scenes": ["beach"], "seeds": [3],
+            # every other character in all three scenes, with the LoRA loaded and without it
+            "others_lora": {"characters": [f"{c}_{s}" for c, s, _ in OTHERS], "scenes": BACKGROUNDS, "seeds": [3],
                             "loras": [{"name": "luca", "weight": 1.0}]},
-            "others_base": {"characters": [f"{c}_{s}" for c, s, _ in OTHERS], "scenes": ["beach"], "seeds": [3]},
+            "others_base": {"characters": [f"{c}_{s}" for c, s, _ in OTHERS], "scenes": BACKGROUNDS, "seeds": [3]},
         },
     }
-    # Each other character in one scene per seed would be a thin sample; spread them over all three.
-    for job in ("others_lora", "others_base"):
-        spec["jobs"][job]["scenes"] = BACKGROUNDS
     path = root / "render.yaml"
     _write_yaml(path, spec)
     return path
