@@ -117,6 +117,99 @@ def test_unet_training_is_deterministic(toy_data, text_parts):
     assert not all(torch.equal(a[k], fs.build_unet().state_dict()[k]) for k in a)
 
 
+def test_trained_text_encoders_see_the_same_batches_as_the_frozen_cache(toy_data, text_parts):
+    """caption_batch + encode_captions (the path that trains the encoders) makes the conditioning the
+    cached path makes, from the same random draws: a comparison of the two recipes differs only in
+    whether the encoders learn."""
+    images, captions = toy_data
+    data = _unet_data(images[:8], captions[:8], text_parts)
+    data.texts = sorted(set(captions[:8]))
+    lat_a, e_a, p_a = data.batch(24, 0.5, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    lat_b, prompts, zero = data.caption_batch(24, 0.5, g)
+    pipe = fs.make_pipeline(fs.build_unet(), None, text_parts)
+    with torch.no_grad():
+        e_b, p_b = fs.encode_captions(pipe, prompts, zero)
+    assert torch.equal(lat_a, lat_b)
+    assert zero.any() and "" in prompts and any(prompts)  # all three kinds drawn
+    assert torch.allclose(e_a, e_b, atol=1e-5) and torch.allclose(p_a, p_b, atol=1e-5)
+    # the next draw of both generators is the same: the noise of the loss lines up too
+    g_a = torch.Generator().manual_seed(3)
+    data.batch(24, 0.5, g_a)
+    assert torch.equal(torch.rand(4, generator=g_a), torch.rand(4, generator=g))
+
+
+def test_unet_training_with_text_encoders_trains_them_deterministically(toy_data):
+    images, captions = toy_data
+    spec = fs.UnetSpec(batch_size=4, steps=4, warmup_steps=0, learning_rate=3e-3, train_text_encoders=True,
+                       caption_dropout=0.25)
+
+    def run():
+        parts = fs.frozen_text_parts()
+        data = _unet_data(images[:8], captions[:8], parts)
+        data.texts = sorted(set(captions[:8]))
+        ema, losses, done, _ = fs.train_unet(data, spec, seed=7, size=64, scheduler_config=parts["scheduler"].config,
+                                             log=lambda m: None, text_parts=parts)
+        return ema, losses, parts
+
+    torch.use_deterministic_algorithms(True)
+    try:
+        (ema_a, losses_a, parts_a), (ema_b, losses_b, parts_b) = run(), run()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    fresh = fs.frozen_text_parts()
+    for k in ("text_encoder", "text_encoder_2"):
+        a, b, f = (x[k].state_dict() for x in (parts_a, parts_b, fresh))
+        assert all(torch.equal(a[n], b[n]) for n in a)  # same spec, same encoder weights
+        assert not all(torch.equal(a[n], f[n]) for n in a), f"{k} did not train"
+        assert not parts_a[k].training  # handed back in eval mode, like the EMA UNet
+    ua, ub = ema_a.state_dict(), ema_b.state_dict()
+    assert all(torch.equal(ua[n], ub[n]) for n in ua) and losses_a == losses_b
+    with pytest.raises(ValueError, match="text_parts"):
+        fs.train_unet(_unet_data(images[:4], captions[:4], fresh), spec, seed=0, size=64,
+                      scheduler_config=fresh["scheduler"].config, log=lambda m: None)
+
+
+def test_stop_after_keeps_the_learning_rate_schedule_of_the_full_run(toy_data, text_parts):
+    images, captions = toy_data
+    data = _unet_data(images[:8], captions[:8], text_parts)
+    full = fs.UnetSpec(batch_size=4, steps=6, warmup_steps=0)
+    cut = full.model_copy(update={"stop_after": 3})
+    logs = []
+    ema_cut, losses_cut, done, _ = fs.train_unet(data, cut, seed=1, size=64, scheduler_config=text_parts["scheduler"].config,
+                                                 log=logs.append)
+    _, losses_full, _, _ = fs.train_unet(data, full, seed=1, size=64, scheduler_config=text_parts["scheduler"].config,
+                                         log=lambda m: None)
+    assert done == 3 and losses_cut == losses_full[:3]
+    assert any("stop_after=3" in m for m in logs)
+    assert fs._lr_at(cut, 2, cut.steps) == fs._lr_at(full, 2, full.steps) > fs._lr_at(full, 5, full.steps)
+
+
+def test_export_of_a_text_encoder_run_uses_its_trained_encoders(tmp_path):
+    """A stopped run that trained its encoders is exported with those encoders, never the random ones."""
+    from safetensors.torch import load_file
+
+    spec = fs.ToyBaseSpec(data=fs.ToyDataSpec(count=8), unet=fs.UnetSpec(train_text_encoders=True),
+                          work_dir=str(tmp_path / "work"), output=str(tmp_path / "sdxl"))
+    work = tmp_path / "work"
+    work.mkdir()
+    torch.manual_seed(0)
+    fs.build_vae(spec.vae).save_pretrained(work / "vae", safe_serialization=True)
+    parts = fs.frozen_text_parts()
+    with torch.no_grad():
+        parts["text_encoder"].final_layer_norm.weight.add_(1.0)  # "trained"
+    fs.atomic_save_safetensors(dict(fs.build_unet().state_dict()), work / "unet-ema.safetensors", {"step": "5"})
+    fs.atomic_save_safetensors(fs._text_encoder_state(parts), work / "text-encoders-ema.safetensors", {"step": "4"})
+    with pytest.raises(ValueError, match="step 4"):
+        fs.export_from_checkpoint(spec, tmp_path, log=lambda m: None, do_eval=False)
+    fs.atomic_save_safetensors(fs._text_encoder_state(parts), work / "text-encoders-ema.safetensors", {"step": "5"})
+    fs.export_from_checkpoint(spec, tmp_path, log=lambda m: None, do_eval=False)
+    saved = load_file(tmp_path / "sdxl" / "text_encoder" / "model.safetensors")
+    want = parts["text_encoder"].final_layer_norm.weight.half()
+    (key,) = [k for k in saved if k.endswith("final_layer_norm.weight")]
+    assert torch.equal(saved[key], want)
+
+
 def test_toy_clip_training_reduces_contrastive_loss(toy_data):
     images, captions = toy_data
     tok = tc.tokenizer()

@@ -81,6 +81,13 @@ class UnetSpec(_Frozen):
     ema_decay: float = Field(0.999, ge=0, lt=1)
     caption_dropout: float = Field(0.1, ge=0, le=1)  # share of uncond samples, for CFG
     max_minutes: float | None = Field(None, gt=0)  # safety cap: stop early, keep what was learnt
+    # Stop at this step but keep the learning-rate schedule of `steps`: two recipes compared at
+    # equal budget see the same learning rates (and, frozen vs trained text encoders, the same batches).
+    stop_after: int | None = Field(None, ge=1)
+    # Also train both text encoders (random init, the tiny-sdxl ones) with the UNet. Caption
+    # embeddings can then not be cached: every batch is encoded with the pipeline's encode_prompt.
+    train_text_encoders: bool = False
+    text_encoder_learning_rate: float | None = Field(None, gt=0)  # default: learning_rate
 
 
 class EvalSpec(_Frozen):
@@ -364,12 +371,17 @@ def _lr_at(spec: UnetSpec, step: int, total: int) -> float:
 
 
 class UnetData:
-    """Everything the UNet loop samples from: latents (scaled), caption index, embeddings."""
+    """Everything the UNet loop samples from: latents (scaled), caption index, embeddings.
 
-    def __init__(self, latents, index, embeds, pooled, empty_embeds, empty_pooled):
+    `texts` (the unique captions, in `index` order) is what a run that trains the text encoders
+    encodes; `embeds`/`pooled` are the frozen encoders' cached outputs (None when they train).
+    """
+
+    def __init__(self, latents, index, embeds, pooled, empty_embeds, empty_pooled, texts: list[str] | None = None):
         self.latents, self.index = latents, index
         self.embeds, self.pooled = embeds, pooled
         self.empty_embeds, self.empty_pooled = empty_embeds, empty_pooled
+        self.texts = texts
 
     def batch(self, n: int, dropout: float, generator):
         import torch
@@ -380,47 +392,95 @@ class UnetData:
         drop_captions(e, p, self.empty_embeds, self.empty_pooled, dropout, generator)
         return self.latents[idx], e, p
 
+    def caption_batch(self, n: int, dropout: float, generator):
+        """(latents, prompts, zero mask) with the same random draws as `batch`: the dropped captions'
+        prompts are "" and the zero mask marks those whose embeddings must become zeros."""
+        import torch
+
+        idx = torch.randint(0, len(self.latents), (n,), generator=generator)
+        zero, empty = dropout_masks(n, dropout, generator)
+        prompts = ["" if (z or m) else self.texts[int(self.index[i])] for i, z, m in zip(idx, zero, empty)]
+        return self.latents[idx], prompts, zero
+
 
 def drop_captions(embeds, pooled, empty_embeds, empty_pooled, dropout: float, generator) -> None:
     """Caption dropout for classifier-free guidance, in place: half of the dropped captions become
     zeros (what the pipeline uses for a missing negative prompt, force_zeros_for_empty_prompt),
     half the encoded "" (what it uses for negative_prompt="")."""
-    import torch
-
-    r = torch.rand(len(embeds), generator=generator)
-    zero = r < dropout / 2
-    empty = (r >= dropout / 2) & (r < dropout)
+    zero, empty = dropout_masks(len(embeds), dropout, generator)
     embeds[zero] = 0
     pooled[zero] = 0
     embeds[empty] = empty_embeds
     pooled[empty] = empty_pooled
 
 
+def dropout_masks(n: int, dropout: float, generator):
+    """(zero, empty) boolean masks for caption dropout: one uniform draw per sample."""
+    import torch
+
+    r = torch.rand(n, generator=generator)
+    return r < dropout / 2, (r >= dropout / 2) & (r < dropout)
+
+
+def encode_captions(pipe, prompts: list[str], zero):
+    """prompt_embeds and pooled embeddings through the pipeline's own encode_prompt (gradients flow
+    into its text encoders), zeroed where `zero` is set (force_zeros_for_empty_prompt)."""
+    e, _, p, _ = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    keep = (~zero).to(e.dtype)
+    return e * keep.view(-1, 1, 1), p * keep.view(-1, 1)
+
+
 def train_unet(data: UnetData, spec: UnetSpec, seed: int, size: int, scheduler_config,
                log: Callable[[str], None] = print, steps: int | None = None,
-               checkpoint: Callable[[int, object], None] | None = None, checkpoint_every: int = 500):
-    """Train the UNet from scratch; returns (ema_unet, losses, steps_done, seconds)."""
+               checkpoint: Callable[[int, object], None] | None = None, checkpoint_every: int = 500,
+               text_parts: dict | None = None):
+    """Train the UNet from scratch; returns (ema_unet, losses, steps_done, seconds).
+
+    With `spec.train_text_encoders`, `text_parts` (from `frozen_text_parts`) are trained too: the
+    loop trains copies, and on return `text_parts["text_encoder"]`/`["text_encoder_2"]` hold their
+    EMA weights, like the returned UNet.
+    """
     import torch
 
     torch.manual_seed(seed)
     unet = build_unet(data.latents.shape[-1], data.latents.shape[1])
     unet.train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    params, ema_params = list(unet.parameters()), list(ema.parameters())
+    groups = [{"params": params, "lr_scale": 1.0}]
+    text_pipe = None
+    if spec.train_text_encoders:
+        if text_parts is None or data.texts is None:
+            raise ValueError("train_text_encoders needs text_parts and UnetData.texts (the unique captions)")
+        encoders = {k: copy.deepcopy(text_parts[k]).train().requires_grad_(True) for k in ("text_encoder", "text_encoder_2")}
+        text_pipe = make_pipeline(unet, None, {**text_parts, **encoders})
+        te_params = [q for k in ("text_encoder", "text_encoder_2") for q in encoders[k].parameters()]
+        groups.append({"params": te_params,
+                       "lr_scale": (spec.text_encoder_learning_rate or spec.learning_rate) / spec.learning_rate})
+        params = params + te_params
+        for k in ("text_encoder", "text_encoder_2"):
+            text_parts[k].eval().requires_grad_(False)
+            ema_params += list(text_parts[k].parameters())
+    opt = torch.optim.AdamW(groups, lr=spec.learning_rate, weight_decay=spec.weight_decay)
     ac = alphas_cumprod(scheduler_config)
     g = torch.Generator().manual_seed(seed + 2)
     total = spec.steps if steps is None else steps
     losses, t0, done = [], time.time(), 0
-    params = list(unet.parameters())
-    ema_params = list(ema.parameters())
     for step in range(total):
         if spec.max_minutes and time.time() - t0 > spec.max_minutes * 60:
             log(f"unet: stopping at step {step}/{total}: max_minutes={spec.max_minutes} reached")
             break
+        if spec.stop_after and step >= spec.stop_after:
+            log(f"unet: stopping at step {step}/{total}: stop_after={spec.stop_after}")
+            break
         lr = _lr_at(spec, step, total)
         for group in opt.param_groups:
-            group["lr"] = lr
-        lat, e, p = data.batch(spec.batch_size, spec.caption_dropout, g)
+            group["lr"] = lr * group["lr_scale"]
+        if text_pipe is None:
+            lat, e, p = data.batch(spec.batch_size, spec.caption_dropout, g)
+        else:
+            lat, prompts, zero = data.caption_batch(spec.batch_size, spec.caption_dropout, g)
+            e, p = encode_captions(text_pipe, prompts, zero)
         loss = unet_loss(unet, lat, e, p, ac, spec, size, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -579,16 +639,20 @@ def run_base(spec: ToyBaseSpec, root: Path, log: Callable[[str], None] = print,
     index, embeds, pooled = caption_embeddings(pipe, captions)
     empty_e, _, empty_p, _ = pipe.encode_prompt([""], device="cpu", num_images_per_prompt=1,
                                                 do_classifier_free_guidance=False)
-    data = UnetData(latents, index, embeds, pooled, empty_e[0], empty_p[0])
+    data = UnetData(latents, index, embeds, pooled, empty_e[0], empty_p[0], texts=sorted(set(captions)))
     t_cache = time.time() - t0
-    log(f"cached {len(latents)} latents {tuple(latents.shape[1:])} and {len(embeds)} caption embeddings in {t_cache:.0f}s")
+    log(f"cached {len(latents)} latents {tuple(latents.shape[1:])} and {len(embeds)} caption embeddings in {t_cache:.0f}s"
+        + ("; the text encoders train, so batches are encoded as they come" if spec.unet.train_text_encoders else ""))
 
     def checkpoint(step: int, ema) -> None:
+        if spec.unet.train_text_encoders:  # first, so an export never pairs a UNet with older encoders
+            atomic_save_safetensors(_text_encoder_state(text), work / "text-encoders-ema.safetensors", {"step": str(step)})
         atomic_save_safetensors(dict(ema.state_dict()), work / "unet-ema.safetensors", {"step": str(step)})
-        log(f"checkpoint: EMA UNet at step {step} -> {work / 'unet-ema.safetensors'}")
+        log(f"checkpoint: EMA UNet{' and text encoders' if spec.unet.train_text_encoders else ''} at step {step} -> {work}")
 
     ema, losses, done, t_unet = train_unet(data, spec.unet, spec.seed, spec.data.size, text["scheduler"].config,
-                                           log, checkpoint=checkpoint, checkpoint_every=spec.checkpoint_every)
+                                           log, checkpoint=checkpoint, checkpoint_every=spec.checkpoint_every,
+                                           text_parts=text)
     checkpoint(done, ema)
     t0 = time.time()
     if spec.vae.decoder_steps:
@@ -652,6 +716,16 @@ def run_decoder_stage(spec: ToyBaseSpec, log: Callable[[str], None] = print, ima
     return AutoencoderKL.from_pretrained(out, local_files_only=True, use_safetensors=True).eval()
 
 
+def _text_encoder_state(text_parts: dict) -> dict:
+    return {f"{k}.{name}": t for k in ("text_encoder", "text_encoder_2") for name, t in text_parts[k].state_dict().items()}
+
+
+def _load_text_encoder_state(text_parts: dict, tensors: dict) -> None:
+    for k in ("text_encoder", "text_encoder_2"):
+        part = {name[len(k) + 1:]: t for name, t in tensors.items() if name.startswith(k + ".")}
+        text_parts[k].load_state_dict(part)
+
+
 def _vae_key(spec: ToyBaseSpec) -> dict:
     vae = spec.vae.model_dump(mode="json", exclude={"decoder_steps", "decoder_learning_rate", "decoder_images"})
     return {"vae": vae, "data": spec.data.model_dump(mode="json"),
@@ -687,8 +761,16 @@ def export_from_checkpoint(spec: ToyBaseSpec, root: Path, log: Callable[[str], N
     unet = build_unet(spec.data.size // 4, vae.config.latent_channels)
     unet.load_state_dict(load_file(ckpt))
     unet.eval()
+    text = frozen_text_parts()
+    if spec.unet.train_text_encoders:
+        te_ckpt = work / "text-encoders-ema.safetensors"
+        with safe_open(str(te_ckpt), "pt") as f:
+            te_step = int(f.metadata().get("step", "0"))
+        if te_step != step:
+            raise ValueError(f"{te_ckpt} is from step {te_step} but {ckpt} from step {step}; they must match")
+        _load_text_encoder_state(text, load_file(te_ckpt))
     out = (root / spec.output) if not Path(spec.output).is_absolute() else Path(spec.output)
-    save_pipeline(make_pipeline(unet, vae, frozen_text_parts()), out)
+    save_pipeline(make_pipeline(unet, vae, text), out)
     log(f"exported EMA UNet step {step} + {'fine-tuned decoder' if use_decoder else 'stage-1 VAE'} -> {out}")
     record = {"spec": spec.model_dump(mode="json"), "unet_steps_done": step, "decoder_finetuned": use_decoder,
               "vae_reconstruction_mse": vae_mse, "threads": spec.threads, "torch": torch.__version__, "note": note}
