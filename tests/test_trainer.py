@@ -143,6 +143,27 @@ def test_trained_lora_and_kohya_export_load_in_the_renderer_and_change_the_image
     assert np.abs(images["toy"] - images["toy_kohya"]).max() <= 2
 
 
+def test_lora_header_does_not_depend_on_the_hash_seed():
+    """Two trainings of one spec write the same bytes: the adapter config in the header must not
+    follow PYTHONHASHSEED (peft keeps target_modules as a set)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import json; from peft import LoraConfig; from trainer.train import adapter_config\n"
+        f"class Model: peft_config = {{'default': LoraConfig(r=4, target_modules={TEST_TARGETS!r})}}\n"
+        "print(json.dumps(adapter_config(Model()), default=list)); "
+        "print(json.dumps(Model.peft_config['default'].to_dict(), default=list))\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    outs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=repo,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.splitlines() for seed in (1, 2, 3)]
+    assert len({raw for _, raw in outs}) > 1, "peft's own order did not vary: this test shows nothing"
+    assert len({ours for ours, _ in outs}) == 1
+    assert json.loads(outs[0][0])["target_modules"] == sorted(TEST_TARGETS)
+
+
 def test_registry_entry_added_and_comments_kept(trained):
     from ruamel.yaml import YAML
 

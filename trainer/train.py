@@ -331,6 +331,16 @@ def add_adapters(spec: TrainingSpec, models: Models) -> list:
     return groups
 
 
+def adapter_config(model) -> dict:
+    """A model's peft LoraConfig as diffusers stores it in the file header, sets as sorted lists.
+
+    peft keeps `target_modules` as a set; its order, and so the header's bytes, would follow
+    PYTHONHASHSEED, and two trainings of one spec would write different files.
+    """
+    config = model.peft_config["default"].to_dict()
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
+
+
 def trainable_state(models: Models, spec: TrainingSpec) -> dict:
     """Every trainable tensor by a stable name: the exact weights a checkpoint resumes from."""
     named = [("unet", models.unet)]
@@ -652,7 +662,7 @@ class Trainer:
         comps = {"unet": self.models.unet}
         if self.spec.lora.train_text_encoder:
             comps.update(text_encoder=self.models.text_encoders[0], text_encoder_2=self.models.text_encoders[1])
-        return {k: m.peft_config["default"].to_dict() for k, m in comps.items()}
+        return {k: adapter_config(m) for k, m in comps.items()}
 
     def header_metadata(self) -> dict[str, str]:
         """Training metadata stored in the safetensors header (strings only)."""
