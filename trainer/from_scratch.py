@@ -374,7 +374,7 @@ class UnetData:
     """Everything the UNet loop samples from: latents (scaled), caption index, embeddings.
 
     `texts` (the unique captions, in `index` order) is what a run that trains the text encoders
-    encodes; `embeds`/`pooled` are the frozen encoders' cached outputs (None when they train).
+    encodes; `embeds`/`pooled` are the frozen encoders' cached outputs (unused when they train).
     """
 
     def __init__(self, latents, index, embeds, pooled, empty_embeds, empty_pooled, texts: list[str] | None = None):
