@@ -185,6 +185,24 @@ def test_stop_after_keeps_the_learning_rate_schedule_of_the_full_run(toy_data, t
     assert fs._lr_at(cut, 2, cut.steps) == fs._lr_at(full, 2, full.steps) > fs._lr_at(full, 5, full.steps)
 
 
+def test_a_whole_run_with_trained_text_encoders_ships_them(tmp_path):
+    """run_base end to end (tiny): the exported folder holds the trained encoders, not the random ones."""
+    from safetensors.torch import load_file
+
+    spec = fs.ToyBaseSpec(data=fs.ToyDataSpec(count=8), vae=fs.VaeSpec(steps=1, batch_size=4),
+                          unet=fs.UnetSpec(steps=3, batch_size=4, warmup_steps=0, train_text_encoders=True),
+                          work_dir=str(tmp_path / "work"), output=str(tmp_path / "sdxl"))
+    logs = []
+    record = fs.run_base(spec, tmp_path, log=logs.append, do_eval=False)
+    assert record["unet_steps_done"] == 3
+    assert any("no embedding cache" in m for m in logs)
+    assert (tmp_path / "work" / "text-encoders-ema.safetensors").exists()
+    saved = load_file(tmp_path / "sdxl" / "text_encoder_2" / "model.safetensors")
+    fresh = {k: v.half() for k, v in fs.frozen_text_parts()["text_encoder_2"].state_dict().items()}
+    assert saved.keys() == fresh.keys()
+    assert not all(torch.equal(saved[k], fresh[k]) for k in saved), "the exported encoder is the random one"
+
+
 def test_export_of_a_text_encoder_run_uses_its_trained_encoders(tmp_path):
     """A stopped run that trained its encoders is exported with those encoders, never the random ones."""
     from safetensors.torch import load_file

@@ -374,7 +374,7 @@ class UnetData:
     """Everything the UNet loop samples from: latents (scaled), caption index, embeddings.
 
     `texts` (the unique captions, in `index` order) is what a run that trains the text encoders
-    encodes; `embeds`/`pooled` are the frozen encoders' cached outputs (unused when they train).
+    encodes; `embeds`/`pooled` are the frozen encoders' cached outputs (None when they train).
     """
 
     def __init__(self, latents, index, embeds, pooled, empty_embeds, empty_pooled, texts: list[str] | None = None):
@@ -636,13 +636,20 @@ def run_base(spec: ToyBaseSpec, root: Path, log: Callable[[str], None] = print,
     text = frozen_text_parts()
     unet0 = build_unet(latents.shape[-1], latents.shape[1])
     pipe = make_pipeline(unet0, vae, text)
-    index, embeds, pooled = caption_embeddings(pipe, captions)
-    empty_e, _, empty_p, _ = pipe.encode_prompt([""], device="cpu", num_images_per_prompt=1,
-                                                do_classifier_free_guidance=False)
-    data = UnetData(latents, index, embeds, pooled, empty_e[0], empty_p[0], texts=sorted(set(captions)))
+    texts = sorted(set(captions))
+    if spec.unet.train_text_encoders:  # nothing to cache: every batch is encoded as it comes
+        position = {c: i for i, c in enumerate(texts)}
+        index = torch.tensor([position[c] for c in captions], dtype=torch.long)
+        data = UnetData(latents, index, None, None, None, None, texts=texts)
+        what = "caption index (the text encoders train: no embedding cache)"
+    else:
+        index, embeds, pooled = caption_embeddings(pipe, captions)
+        empty_e, _, empty_p, _ = pipe.encode_prompt([""], device="cpu", num_images_per_prompt=1,
+                                                    do_classifier_free_guidance=False)
+        data = UnetData(latents, index, embeds, pooled, empty_e[0], empty_p[0], texts=texts)
+        what = f"{len(embeds)} caption embeddings"
     t_cache = time.time() - t0
-    log(f"cached {len(latents)} latents {tuple(latents.shape[1:])} and {len(embeds)} caption embeddings in {t_cache:.0f}s"
-        + ("; the text encoders train, so batches are encoded as they come" if spec.unet.train_text_encoders else ""))
+    log(f"cached {len(latents)} latents {tuple(latents.shape[1:])} and {what} in {t_cache:.0f}s")
 
     def checkpoint(step: int, ema) -> None:
         if spec.unet.train_text_encoders:  # first, so an export never pairs a UNet with older encoders
