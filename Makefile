@@ -12,7 +12,7 @@ export HF_DATASETS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test venv browser clean toy-model toy-data
+.PHONY: demo test lint venv browser clean toy-model toy-data
 
 venv: $(STAMP)
 
@@ -30,7 +30,11 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "WARNING: chromium could not be installed; browser tests will be SKIPPED"; }
 
-test: $(STAMP) browser
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
+
+test: $(STAMP) browser lint
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 demo: $(STAMP)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from renderer.plan import compute_digests, expand  # noqa: E402
+from schemas.expand import expand  # noqa: E402
+from schemas.plan import compute_digests
 from schemas.spec_loader import load_spec  # noqa: E402
 
 SPEC = """\

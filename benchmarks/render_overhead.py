@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from renderer.outputs import read_jsonl  # noqa: E402
+from core.jsonl import read_jsonl  # noqa: E402
 from renderer.runner import run_render  # noqa: E402
 from schemas.builtins import builtin_digest  # noqa: E402
 from schemas.job import RenderJob, ResolvedModel  # noqa: E402

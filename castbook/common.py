@@ -32,7 +32,7 @@ def print_spec_errors(exc: SpecErrors) -> None:
 
 def plan_or_exit(args: argparse.Namespace, only: str | None = None):
     """Load and expand the spec; on errors print them located and exit 2."""
-    from renderer.plan import load_plan
+    from schemas.plan import load_plan
 
     specs = args.spec if isinstance(args.spec, list) else [args.spec]
     try:

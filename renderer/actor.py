@@ -212,7 +212,7 @@ class RenderActor:
                 fallback=out.fallback,
             )
         except Exception as e:  # one job's failure must never take the actor down
-            from renderer.errors import JobError
+            from core.errors import JobError
 
             self._last_stack = None
             result["error"] = e.message if isinstance(e, JobError) else f"{type(e).__name__}: {e}"

@@ -32,7 +32,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from renderer.errors import JobError
+from core.errors import JobError
 from schemas.job import RenderJob, ResolvedControl, ResolvedLora, ResolvedModel
 
 BENCH_VERSION = 1
@@ -310,10 +310,11 @@ def run_bench(opts: BenchOptions, out: Path, progress=print) -> dict:
     import numpy as np
     import torch
 
+    from core.files import atomic_write_bytes, atomic_write_json
+    from core.jsonl import append_jsonl
     from renderer.flops import bf16_peak_tflops, image_flops
     from renderer.models import resolve_device, resolve_dtype
-    from renderer.outputs import (append_jsonl, atomic_write_bytes, atomic_write_json, base_environment,
-                                  image_relpath, new_run_dir, utc_now, write_plan_jsonl)
+    from renderer.outputs import base_environment, image_relpath, new_run_dir, utc_now, write_plan_jsonl
 
     # 1. check inputs before any expensive work
     device = resolve_device(opts.device)

@@ -16,7 +16,7 @@ import json
 from collections import OrderedDict
 from pathlib import Path
 
-from renderer.errors import JobError
+from core.errors import JobError
 
 CONTROL_TYPES = ("pose", "depth", "canny", "seg", "normal")
 

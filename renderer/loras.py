@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from renderer.errors import JobError
+from core.errors import JobError
 from renderer.models import check_safetensors_file
 
 DEFAULT_MAX_LOADED = 8

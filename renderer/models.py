@@ -21,20 +21,21 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from renderer.errors import JobError
+from core.errors import JobError
 
 if TYPE_CHECKING:  # torch/diffusers are imported lazily: the CLI must start fast
-    import torch
+    pass
 
+from core.home import builtins_dir
 from schemas.builtins import BASE_MODELS, BUILTIN_RECIPES, CONTROLNET_MODELS
 from schemas.builtins import builtin_digest as _recipe_digest
+from schemas.spec import PICKLE_SUFFIXES
 
 BUILTIN_SEED = 0
 TOY_SDXL_DIR = Path(__file__).resolve().parent / "weights" / "toy" / "sdxl"
-# Trained by `castbook toymodel train-controlnet specs/toy/toy-controlnet.yaml` (trainer/toy_controlnet.py).
+# Trained by `castbook toymodel train-controlnet specs/toy/toy-controlnet.yaml` (toyworld/controlnet.py).
 TOY_CONTROLNET_DIR = Path(__file__).resolve().parent / "weights" / "toy" / "controlnet"
 
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".safetensors",)
 
 # castbook scheduler name -> (diffusers class name, extra from_config kwargs)
@@ -55,12 +56,6 @@ DTYPE_LABELS = ("fp32", "fp16", "bf16")
 
 
 # --------------------------------------------------------------------------- paths
-
-
-def castbook_home() -> Path:
-    """Where castbook keeps machine-local caches: `$CASTBOOK_HOME` or `~/.cache/castbook`."""
-    env = os.environ.get("CASTBOOK_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "castbook"
 
 
 def builtin_name(ref: str) -> str:
@@ -357,7 +352,7 @@ def builtin_dir(name: str) -> Path:
                 f"(about 15 minutes on one CPU thread), or name another ControlNet in the spec's `model:`"
             )
         return TOY_CONTROLNET_DIR
-    final = castbook_home() / "builtins" / f"{name}-r{BUILTIN_RECIPES[name]}"
+    final = builtins_dir() / f"{name}-r{BUILTIN_RECIPES[name]}"
     if (final / "model_index.json").exists() or (final / "config.json").exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)

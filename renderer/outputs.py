@@ -1,4 +1,4 @@
-"""Durable outputs: atomic writes, PNG metadata, the run ledger, the lock and the image cache.
+"""Durable outputs: PNG metadata, the run ledger, the lock and the image cache.
 
 This module must not import torch, diffusers or ray: a fully cached run uses only it.
 
@@ -9,7 +9,6 @@ truth; the content-addressed cache (`.cache/images/<key>.png`) is what makes a r
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import importlib.metadata
@@ -20,14 +19,14 @@ import platform
 import re
 import socket
 import subprocess
-import tempfile
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from PIL import Image, PngImagePlugin
 
+from core.errors import CastbookError
+from core.files import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir
 from schemas.job import RenderJob
 
 CACHE_DIR = ".cache"
@@ -61,67 +60,6 @@ def package_version(name: str) -> str | None:
 
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-# ---------------------------------------------------------------------------
-# Atomic writes
-# ---------------------------------------------------------------------------
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename or a new entry in it survives a power cut."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so a reader sees the old file or the whole new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are read by people and web servers
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link `src` to `dst` (replacing `dst`), falling back to an atomic copy across devices."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
-    try:
-        if tmp.exists():
-            tmp.unlink()
-        os.link(src, tmp)
-        os.replace(tmp, dst)
-        fsync_dir(dst.parent)
-    except OSError as e:
-        if tmp.exists():
-            tmp.unlink()
-        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-            raise
-        atomic_write_bytes(dst, Path(src).read_bytes())
 
 
 # ---------------------------------------------------------------------------
@@ -275,44 +213,8 @@ def read_castbook_chunk(path_or_bytes: Path | bytes) -> dict:
 
 
 # ---------------------------------------------------------------------------
-# Ledger (manifest.jsonl) and plan.jsonl
+# plan.jsonl (the ledger's JSONL rule is core.jsonl)
 # ---------------------------------------------------------------------------
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    """Append one JSON line and fsync it: one line per finished job, durable before we go on."""
-    line = json.dumps(record, sort_keys=False, separators=(",", ":")) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    try:
-        # A previous writer killed mid-line left a torn tail: end it so our line stays whole.
-        size = os.fstat(fd).st_size
-        if size:
-            with open(path, "rb") as r:
-                r.seek(size - 1)
-                if r.read(1) != b"\n":
-                    line = "\n" + line
-        os.write(fd, line.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Read a JSONL ledger, skipping a torn line (a writer killed with -9 mid-write)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    out: list[dict] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # torn line: the job it described is not finished
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
 
 
 def write_plan_jsonl(path: Path, jobs: Iterable[RenderJob]) -> None:
@@ -324,7 +226,7 @@ def write_plan_jsonl(path: Path, jobs: Iterable[RenderJob]) -> None:
 # ---------------------------------------------------------------------------
 
 
-class RunLocked(Exception):
+class RunLocked(CastbookError):
     """Another castbook render holds the output root."""
 
     def __init__(self, root: Path, pid: str | None):

@@ -17,16 +17,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.errors import JobError
 from renderer.control import ControlPreparer
-from renderer.errors import JobError
 from renderer.loras import DEFAULT_MAX_LOADED, LoraManager
 from renderer.models import (
     apply_performance,
     compile_module,
     compile_pipeline,
-    load_vae,
     load_base_pipeline,
     load_controlnet,
+    load_vae,
     make_scheduler,
     resolve_device,
     resolve_dtype,

@@ -24,16 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.files import atomic_write_json, link_or_copy
+from core.jsonl import append_jsonl
 from renderer.outputs import (
     ImageCache,
     RootLock,
-    append_jsonl,
-    atomic_write_json,
     base_environment,
     castbook_version,
     git_commit,
     image_relpath,
-    link_or_copy,
     new_run_dir,
     safe_name,
     spec_digest,

@@ -12,15 +12,15 @@ from pathlib import Path
 def write_reports(run_dir: Path) -> dict[str, Path]:
     """Score a run and write report.html, consistency.html, benchmark.html, diff.html,
     results.json and selection.json into it (atomic writes). Returns {name: path}."""
-    from reports import atomic  # noqa: PLC0415 - keep `import reports` light for the CLI
+    from core.files import atomic_write_json  # noqa: PLC0415 - keep `import reports` light for the CLI
     from reports.analysis import analyze  # noqa: PLC0415
     from reports.pages import render_pages  # noqa: PLC0415
 
     a = analyze(Path(run_dir))
-    out = {"results": atomic.write_json(a.run.path / "results.json", a.results),
-           "selection": atomic.write_json(a.run.path / "selection.json",
-                                          {"schema_version": a.results["schema_version"],
-                                           "run_id": a.run.run_id, "groups": a.results["selection"]})}
+    out = {"results": a.run.path / "results.json", "selection": a.run.path / "selection.json"}
+    atomic_write_json(out["results"], a.results, sort_keys=True)
+    atomic_write_json(out["selection"], {"schema_version": a.results["schema_version"],
+                                         "run_id": a.run.run_id, "groups": a.results["selection"]}, sort_keys=True)
     out.update(render_pages(a))
     return out
 

@@ -17,8 +17,7 @@ from reports import benchmark
 from reports.diff import build_diff
 from reports.metrics import ClipScorer, DinoScorer
 from reports.rundir import Run, load_run, previous_runs
-from reports.scoring import (gate, make_scorers, reference_embeddings, score_images, select_best_of,
-                             summarize_characters)
+from reports.scoring import gate, make_scorers, reference_embeddings, score_images, select_best_of, summarize_characters
 
 RESULTS_SCHEMA_VERSION = 1
 _RUN_FIELDS = ("run_id", "castbook_version", "spec_files", "spec_digest", "git_commit", "started", "finished",

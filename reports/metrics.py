@@ -19,14 +19,14 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from reports import atomic
-
+from core.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from core.home import builtins_dir
 from schemas.builtins import BUILTIN_RECIPES
 
 BUILTIN_TINY_CLIP = "builtin:tiny-clip"
@@ -34,7 +34,7 @@ BUILTIN_TOY_CLIP = "builtin:toy-clip"
 # The tiny-clip recipe (config or seed) is part of the built-in's folder name and of
 # every cached embedding's identity; it is bumped in schemas/builtins.py.
 TINY_CLIP_RECIPE = BUILTIN_RECIPES["tiny-clip"]
-# Trained by castbook on the toy world (trainer/toy_clip.py); shipped with the renderer's weights.
+# Trained by castbook on the toy world (toyworld/clip.py); shipped with the renderer's weights.
 TOY_CLIP_DIR = Path(__file__).resolve().parents[1] / "renderer" / "weights" / "toy" / "clip"
 TOY_CLIP_NAME = "toy-clip"
 TINY_CLIP_NAME = "castbook-tiny-clip"
@@ -46,13 +46,6 @@ TINY_CLIP_CONFIG = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
 _BATCH = 16
-
-
-def builtins_dir() -> Path:
-    """Where built-in models are saved once: `$CASTBOOK_HOME/builtins` or `~/.cache/castbook/builtins`."""
-    home = os.environ.get("CASTBOOK_HOME")
-    base = Path(home).expanduser() if home else Path.home() / ".cache" / "castbook"
-    return base / "builtins"
 
 
 def _tiny_clip_dir() -> Path:
@@ -100,7 +93,7 @@ def ensure_tiny_clip() -> tuple[Path, Path]:
     return config, weights
 
 
-from renderer.plan import file_digest  # noqa: E402  (one sha256-of-a-file, shared with job keys)
+from core.digests import file_digest  # noqa: E402  (one sha256-of-a-file, shared with job keys)
 
 
 def text_digest(text: str) -> str:
@@ -148,7 +141,7 @@ class _EmbeddingCache:
         self.root = None if root is None else Path(root) / hashlib.sha256(identity.encode()).hexdigest()[:16]
         self.memory: dict[tuple[str, str], np.ndarray] = {}
         if self.root is not None and not (self.root / "identity.txt").exists():
-            atomic.write_text(self.root / "identity.txt", identity + "\n")
+            atomic_write_text(self.root / "identity.txt", identity + "\n")
 
     def get(self, kind: str, digest: str) -> np.ndarray | None:
         hit = self.memory.get((kind, digest))
@@ -173,7 +166,7 @@ class _EmbeddingCache:
             return
         from safetensors.numpy import save  # noqa: PLC0415
 
-        atomic.write_bytes(self.root / kind / f"{digest}.safetensors", save({"e": vec}))
+        atomic_write_bytes(self.root / kind / f"{digest}.safetensors", save({"e": vec}))
 
 
 class _DigestMemo:
@@ -197,7 +190,7 @@ class _DigestMemo:
         d = file_digest(path)
         self.data[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": d}
         if self.path is not None and st.st_size > (8 << 20):  # only worth remembering for big files
-            atomic.write_json(self.path, self.data)
+            atomic_write_json(self.path, self.data, sort_keys=True)
         return d
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from reports import atomic, benchmark
+from core.files import atomic_write_bytes, atomic_write_text
+from reports import benchmark
 from reports.analysis import Analysis
 
 THUMB_PX = 256
@@ -44,7 +45,7 @@ def make_thumb(src: Path, run_dir: Path, digest: str | None) -> str | None:
             im.save(buf, format="JPEG", quality=85)
     except OSError:
         return None
-    atomic.write_bytes(dest, buf.getvalue())
+    atomic_write_bytes(dest, buf.getvalue())
     return rel
 
 
@@ -249,5 +250,6 @@ def render_pages(a: Analysis) -> dict[str, Path]:
     out: dict[str, Path] = {}
     for name, builder in pages.items():
         html = env.get_template(f"{name}.html.j2").render(nav=_nav(name), page=name, **common, **builder(a))
-        out[name] = atomic.write_text(a.run.path / f"{name}.html", html)
+        out[name] = a.run.path / f"{name}.html"
+        atomic_write_text(out[name], html)
     return out

@@ -10,8 +10,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.errors import CastbookError
 
-class RunDirError(Exception):
+
+class RunDirError(CastbookError):
     """A run directory that cannot be read; the message names the file and what to do."""
 
 

@@ -54,7 +54,7 @@ def reference_embeddings(run: Run, clip: ClipScorer, dino: DinoScorer | None) ->
             "min_pass_rate": float(char["min_pass_rate"]) if char.get("min_pass_rate") is not None
             else DEFAULT_MIN_PASS_RATE,
             "references": [{"path": r, "abs_path": str(p), "digest": None} for r, p in zip(refs, paths)],
-            # Job matrices with `gate: false` (renderer.plan.character_info); runs written before
+            # Job matrices with `gate: false` (schemas.plan.character_info); runs written before
             # the field existed have none, so every job counts, as it did then.
             "ungated_jobs": sorted(str(j) for j in char.get("ungated_jobs") or []),
             "clip": None, "dino": None, "ceiling": None, "dino_ceiling": None, "error": None,

@@ -17,7 +17,7 @@ BUILTIN_RECIPES: dict[str, int] = {
     "toy-clip": 2,  # default scorer wherever the base model is builtin:toy-sdxl
 }
 
-# What each shipped (trained) built-in's recipe number stands for: `renderer.plan.folder_digest`
+# What each shipped (trained) built-in's recipe number stands for: `core.digests.folder_digest`
 # of its folder in renderer/weights/toy/. A test fails when the committed weights change without
 # a new recipe number above, which would let images cached from the old weights pass as new.
 SHIPPED_WEIGHTS: dict[str, str] = {

@@ -1,6 +1,6 @@
 """The resolved render job: the contract between the plan and the renderer.
 
-A `RenderJob` is what `renderer.plan.expand` produces and what the actor renders.
+A `RenderJob` is what `schemas.expand.expand` produces and what the actor renders.
 Everything in it is resolved (no references, no defaults left to apply), so a job
 can be rendered, hashed, stored in a PNG and reproduced on its own.
 """
@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from schemas.base import Strict
 
 # Bump when castbook changes how a job is turned into pixels (scheduler mapping,
 # prompt assembly, seeding). It is part of every key, so caches invalidate cleanly.
@@ -20,11 +22,9 @@ SchedulerName = Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim
 Dtype = Literal["auto", "fp32", "fp16", "bf16"]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ResolvedModel(_Frozen):
+class ResolvedModel(Strict):
     """A base model or ControlNet as the renderer loads it.
 
     `ref` is `builtin:NAME` or a path relative to the project root. `digest` is the
@@ -38,7 +38,7 @@ class ResolvedModel(_Frozen):
     config: str | None = None  # single-file checkpoints: local diffusers config folder
 
 
-class ResolvedLora(_Frozen):
+class ResolvedLora(Strict):
     name: str  # registry name, used as the peft adapter name
     path: str  # relative to the project root
     digest: str
@@ -46,7 +46,7 @@ class ResolvedLora(_Frozen):
     kind: Literal["character", "background", "pose", "expression", "style", "other"]
 
 
-class ResolvedControl(_Frozen):
+class ResolvedControl(Strict):
     type: ControlType
     image: str  # relative to the project root
     image_digest: str
@@ -58,7 +58,7 @@ class ResolvedControl(_Frozen):
     annotator_dir: str | None = None  # trusted local folder with annotator checkpoints
 
 
-class RenderJob(_Frozen):
+class RenderJob(Strict):
     key: str  # sha256 hex of the canonical JSON of everything that changes pixels
     name: str  # readable output name: job/character/scene/preset/seed-N[-sweep]
     job: str

@@ -28,6 +28,8 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from core.errors import CastbookError
+
 Loc = tuple[Union[str, int], ...]
 
 MAX_FILE_BYTES = 2_000_000
@@ -51,7 +53,7 @@ class SpecError:
         return f"{self.file}:{self.line}:{self.col}: {where}{self.message}"
 
 
-class SpecErrors(Exception):
+class SpecErrors(CastbookError):
     """All errors found in a spec, each located."""
 
     def __init__(self, errors: list[SpecError]):

@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
 
-from schemas.builtins import BASE_MODELS, CONTROLNET_MODELS, CLIP_MODELS
+from schemas.base import Strict
+from schemas.builtins import BASE_MODELS, CLIP_MODELS, CONTROLNET_MODELS
 from schemas.job import ControlType, Dtype, SchedulerName
 
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
@@ -20,8 +21,6 @@ Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=80)]
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # --- model sources -------------------------------------------------------------------

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from schemas.base import Strict
 
 LoraKind = Literal["character", "background", "pose", "expression"]
 
@@ -32,16 +34,14 @@ DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 DEFAULT_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DatasetFolder(_Frozen):
+class DatasetFolder(Strict):
     path: str  # folder of images with same-name .txt captions, relative to the root
     repeats: int = Field(1, ge=1)  # how many times each image appears per epoch
 
 
-class DatasetSpec(_Frozen):
+class DatasetSpec(Strict):
     folders: tuple[DatasetFolder, ...] = Field(min_length=1)
     trigger: str | None = None  # trigger word; checked against captions, added by `caption_prefix`
     caption_prefix: str = ""  # prepended to every caption, e.g. "photo of lucaxyz, "
@@ -59,7 +59,7 @@ class DatasetSpec(_Frozen):
         return value
 
 
-class LoraSpec(_Frozen):
+class LoraSpec(Strict):
     rank: int = Field(ge=1, le=1024)
     alpha: float = Field(gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -70,7 +70,7 @@ class LoraSpec(_Frozen):
     use_dora: bool = False
 
 
-class TrainSpec(_Frozen):
+class TrainSpec(Strict):
     steps: int = Field(ge=1)  # optimizer steps
     learning_rate: float = Field(gt=0)
     text_encoder_learning_rate: float | None = Field(None, gt=0)  # defaults to learning_rate
@@ -109,12 +109,12 @@ class TrainSpec(_Frozen):
         return self
 
 
-class CheckpointSpec(_Frozen):
+class CheckpointSpec(Strict):
     every: int = Field(500, ge=1)  # optimizer steps between checkpoints
     keep_last: int = Field(3, ge=1)
 
 
-class SamplePreset(_Frozen):
+class SamplePreset(Strict):
     width: int = Field(1024, ge=8)
     height: int = Field(1024, ge=8)
     num_inference_steps: int = Field(25, ge=1)
@@ -123,21 +123,21 @@ class SamplePreset(_Frozen):
     negative_prompt: str = ""
 
 
-class SamplesSpec(_Frozen):
+class SamplesSpec(Strict):
     every: int = Field(500, ge=1)  # rendered at every checkpoint step that is a multiple of this
     prompts: tuple[str, ...] = Field(min_length=1)
     seeds: tuple[int, ...] = (1,)
     preset: SamplePreset = SamplePreset()
 
 
-class PriorPreservationSpec(_Frozen):
+class PriorPreservationSpec(Strict):
     folder: str  # class images (with .txt captions, or `class_prompt` for all)
     class_prompt: str | None = None
     fraction: float = Field(0.25, gt=0.0, lt=1.0)  # share of each batch drawn from class images
     weight: float = Field(1.0, ge=0.0)  # loss weight of class images
 
 
-class EvaluationSpec(_Frozen):
+class EvaluationSpec(Strict):
     references: tuple[str, ...] = ()  # reference images of the subject, for CLIP-I per checkpoint
     select_best: Literal["last", "clip_i"] = "last"
     scoring_model: str = "builtin:tiny-clip"  # open_clip architecture name, or the built-in
@@ -150,14 +150,14 @@ class EvaluationSpec(_Frozen):
         return self
 
 
-class OutputSpec(_Frozen):
+class OutputSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # registry name and file stem
     folder: str = "loras"
     registry: str | None = None  # LoRA registry YAML to add the result to (comments are kept)
     format: Literal["diffusers", "kohya", "both"] = "diffusers"
 
 
-class TrainingSpec(_Frozen):
+class TrainingSpec(Strict):
     """A whole training run. See specs/training/*.yaml for examples."""
 
     base_model: str  # builtin:NAME, a local diffusers folder, or a local .safetensors

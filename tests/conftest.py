@@ -11,7 +11,7 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 # Built-in models are built once per checkout into a git-ignored folder, not the user's ~/.cache.
 os.environ.setdefault("CASTBOOK_HOME", str(REPO / ".castbook-cache"))
 
-import pytest
+import pytest  # noqa: E402 - the environment above must be set before any import
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,7 @@ def make_job(
 
 @dataclass(frozen=True)
 class FakePlan:
-    """Plan-shaped: what run_render reads from renderer.plan.Plan."""
+    """Plan-shaped: what run_render reads from schemas.plan.Plan."""
 
     jobs: list
     root: Path

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from renderer.outputs import read_jsonl
 from test_runner import SPEC
+
+from core.jsonl import read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -96,8 +96,8 @@ def test_two_actors_on_two_nodes_render_the_same_bytes_as_one(two_node_cluster, 
     assert len({a["node_id"] for a in run["actors_info"]}) == 2  # one actor per node (render_slot)
 
     # The single-actor reference, in-process (no Ray): same jobs, same bytes expected.
-    from renderer.plan import load_plan
     from renderer.runner import run_render
+    from schemas.plan import load_plan
 
     one = run_render(load_plan([spec], root=tmp_path), out_dir=tmp_path / "single", executor="local", quiet=True)
     assert one.exit_code == 0

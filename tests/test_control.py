@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _render_helpers import control, job
 from PIL import Image, ImageDraw
 
-from renderer.errors import JobError
+from core.errors import JobError
 from renderer.pipeline import JobRenderer
-from _render_helpers import control, job
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from castbook.commands import check as check_cmd
-from renderer.plan import load_plan
 from reports import write_reports
 from schemas.job import RenderJob
+from schemas.plan import load_plan
 from tests.reports_fixtures import build_run, castbook_home, draw, make_job, make_refs  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("castbook_home")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _render_helpers import job, lora
 from safetensors.torch import load_file, save_file
 
-from renderer.errors import JobError
+from core.errors import JobError
 from renderer.pipeline import JobRenderer
 from schemas.job import ResolvedLora
-from _render_helpers import job, lora
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import struct
 import pytest
 import torch
 
+from core.errors import JobError
 from renderer import models
-from renderer.errors import JobError
 from schemas.job import ResolvedModel
 
 
@@ -29,7 +29,7 @@ def test_pickle_checkpoint_is_refused_and_never_unpickled(tmp_path, suffix):
     path = tmp_path / f"model{suffix}"
     path.write_bytes(_evil_pickle(sentinel))
     # the sentinel proves the payload works when unpickled... in a throwaway copy
-    pickle.loads(_evil_pickle(tmp_path / "control")).close()
+    pickle.loads(_evil_pickle(tmp_path / "control")).close()  # noqa: S301 - our own payload, on purpose
     assert (tmp_path / "control").exists()
     model = ResolvedModel(ref=path.name, kind="single_file", digest="x", config="cfg")
     with pytest.raises(JobError, match="pickle") as err:

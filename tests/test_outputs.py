@@ -2,31 +2,29 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 from PIL import Image
+from runner_helpers import make_job
 
+from core.files import atomic_write_bytes, link_or_copy
+from core.jsonl import append_jsonl, read_jsonl
 from renderer import outputs
 from renderer.outputs import (
     ImageCache,
     RootLock,
     RunLocked,
-    append_jsonl,
-    atomic_write_bytes,
     encode_png,
     format_parameters,
     new_run_dir,
     parse_parameters,
     read_castbook_chunk,
-    read_jsonl,
     read_png_text,
     split_lora_tags,
 )
-from runner_helpers import make_job
 from schemas.job import ResolvedLora
 
 LORA = ResolvedLora(name="luca", path="loras/luca.safetensors", digest="ab" * 32, weight=0.8, kind="character")
@@ -146,8 +144,8 @@ def test_link_or_copy_shares_the_inode(tmp_path):
     src = tmp_path / "a.png"
     src.write_bytes(b"x")
     dst = tmp_path / "run" / "images" / "b.png"
-    outputs.link_or_copy(src, dst)
-    outputs.link_or_copy(src, dst)  # idempotent
+    link_or_copy(src, dst)
+    link_or_copy(src, dst)  # idempotent
     assert dst.read_bytes() == b"x" and os.stat(dst).st_ino == os.stat(src).st_ino
 
 

@@ -7,12 +7,12 @@ import io
 import numpy as np
 import pytest
 import torch
+from _render_helpers import job
 
+from core.errors import JobError
 from renderer import models
-from renderer.errors import JobError
 from renderer.pipeline import JobRenderer
 from schemas.job import ResolvedModel
-from _render_helpers import job
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from renderer.plan import compute_digests, derive_seed, expand, load_plan
+from schemas.expand import derive_seed, expand
+from schemas.plan import compute_digests, load_plan
 from schemas.spec_loader import load_spec
 
 SPEC = """\

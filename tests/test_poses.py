@@ -10,8 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.poses import (best_detection, cluster_poses, contact_sheet, draw_pose_map, features, kmeans,
-                           normalize_keypoints, prepare_poses, PoseOptions, silhouette)
+from trainer.poses import (
+    PoseOptions,
+    best_detection,
+    cluster_poses,
+    contact_sheet,
+    draw_pose_map,
+    features,
+    kmeans,
+    normalize_keypoints,
+    prepare_poses,
+    silhouette,
+)
 from trainer.prepare import PrepareError
 
 # Three template poses in a 100x200 frame: standing, arms up, sitting (knees forward).

@@ -15,8 +15,17 @@ from castbook.commands import check as check_cmd
 from castbook.commands import report as report_cmd
 from reports import write_reports
 from reports.analysis import analyze
-from tests.reports_fixtures import (XSS_ATTR, XSS_SCRIPT, build_run, castbook_home, draw,  # noqa: F401
-                                    make_job, make_refs, standard_characters, standard_items)
+from tests.reports_fixtures import (  # noqa: F401
+    XSS_ATTR,
+    XSS_SCRIPT,
+    build_run,
+    castbook_home,
+    draw,
+    make_job,
+    make_refs,
+    standard_characters,
+    standard_items,
+)
 
 pytestmark = pytest.mark.usefixtures("castbook_home")
 PAGES = ("report", "consistency", "benchmark", "diff")

@@ -15,18 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
+from runner_helpers import FakePlan, make_job
 
+from core.jsonl import read_jsonl
 from renderer.outputs import (
     ImageCache,
     RootLock,
     parse_parameters,
     read_castbook_chunk,
-    read_jsonl,
     read_png_text,
     split_lora_tags,
 )
 from renderer.runner import order_jobs, run_render, worker_env
-from runner_helpers import FakePlan, make_job
 from schemas.job import ResolvedLora
 
 pytestmark = pytest.mark.slow

@@ -16,10 +16,10 @@ torch = pytest.importorskip("torch")
 
 from scipy import ndimage  # noqa: E402
 
-from trainer import from_scratch as fs  # noqa: E402
-from trainer import toy_controlnet as tc  # noqa: E402
-from trainer import toyworld as tw  # noqa: E402
 from schemas.builtins import builtin_digest  # noqa: E402
+from toyworld import base as fs  # noqa: E402
+from toyworld import controlnet as tc  # noqa: E402
+from toyworld import world as tw  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "renderer" / "weights" / "toy" / "sdxl"
@@ -214,8 +214,8 @@ def test_renderer_loads_the_trained_folder_as_builtin_toy_controlnet(smoke_run, 
 
 
 def test_missing_weights_tell_the_user_how_to_train_them(tmp_path, monkeypatch):
+    from core.errors import JobError
     from renderer import models
-    from renderer.errors import JobError
 
     monkeypatch.setattr(models, "TOY_CONTROLNET_DIR", tmp_path / "controlnet")
     with pytest.raises(JobError, match=r"castbook toymodel train-controlnet specs/toy/toy-controlnet\.yaml"):

@@ -27,8 +27,8 @@ import pytest
 from ruamel.yaml import YAML
 
 from castbook.cli import main as castbook
-from reports import toyworld_eval as ev
-from trainer import toyworld as tw
+from toyworld import checker as ev
+from toyworld import world as tw
 
 pytestmark = pytest.mark.slow
 

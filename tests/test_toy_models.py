@@ -12,9 +12,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from trainer import from_scratch as fs  # noqa: E402
-from trainer import toy_clip as tc  # noqa: E402
-from trainer import toyworld as tw  # noqa: E402
+from toyworld import base as fs  # noqa: E402
+from toyworld import clip as tc  # noqa: E402
+from toyworld import world as tw  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = REPO / "renderer" / "weights" / "toy"
@@ -31,7 +31,8 @@ def text_parts():
     return fs.frozen_text_parts()
 
 
-def _unet_data(images, captions, text_parts, vae_spec=fs.VaeSpec()):
+def _unet_data(images, captions, text_parts, vae_spec=None):
+    vae_spec = vae_spec or fs.VaeSpec()
     torch.manual_seed(0)
     vae = fs.build_vae(vae_spec).eval()
     latents = fs.encode_latents(vae, images)
@@ -360,9 +361,9 @@ def test_committed_models_fit_the_size_budget():
 def test_toy_builtins_are_wired_into_plan_render_and_scoring(tmp_path):
     """builtin:toy-sdxl picks its own ControlNet and scorer, and renders with a control."""
     from renderer.pipeline import JobRenderer
-    from renderer.plan import load_plan
     from reports.metrics import ClipScorer
     from schemas.builtins import builtin_digest
+    from schemas.plan import load_plan
 
     if not (TOY / "sdxl" / "model_index.json").exists():
         pytest.skip("renderer/weights/toy/sdxl not trained yet")
@@ -381,7 +382,7 @@ def test_toy_builtins_are_wired_into_plan_render_and_scoring(tmp_path):
 
 def test_shipped_weights_match_their_recipe_number():
     """Retrained weights need a new recipe number (schemas/builtins.py), or cached images lie."""
-    from renderer.plan import folder_digest
+    from core.digests import folder_digest
     from schemas.builtins import BUILTIN_RECIPES, SHIPPED_WEIGHTS
 
     folders = {"toy-sdxl": TOY / "sdxl", "toy-clip": TOY / "clip", "toy-controlnet": TOY / "controlnet"}

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from castbook.commands import toyworld as toyworld_cmd
-from reports import toyworld_eval as ev
-from trainer import toyworld as tw
+from toyworld import checker as ev
+from toyworld import world as tw
 
 
 def _digest(folder: Path) -> dict[str, str]:

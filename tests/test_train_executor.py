@@ -27,9 +27,9 @@ def project(root: Path) -> Path:
 
 @pytest.mark.slow
 def test_ray_executor_matches_local(tmp_path, capsys):
-    from castbook.cli import main
     import torch
 
+    from castbook.cli import main
     from trainer.train import load_training_spec, train_lora
 
     local_root, ray_root = tmp_path / "local", tmp_path / "ray"

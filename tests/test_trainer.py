@@ -114,7 +114,7 @@ def test_output_has_training_metadata_and_checkpoints_are_pruned(trained):
 
 def _job(root: Path, loras=()) -> RenderJob:
     from renderer.models import builtin_digest
-    from renderer.plan import job_key
+    from schemas.expand import job_key
     from schemas.job import ResolvedModel
 
     job = RenderJob(key="", name="t", job="t", character=None, scene="s", preset="p", prompt="zqx, a red circle",
@@ -127,15 +127,15 @@ def _job(root: Path, loras=()) -> RenderJob:
 
 @pytest.mark.slow
 def test_trained_lora_and_kohya_export_load_in_the_renderer_and_change_the_image(trained):
+    from core.digests import file_digest
     from renderer.pipeline import JobRenderer
-    from trainer.data import file_sha256
 
     root, _, result = trained
     renderer = JobRenderer(root, device="cpu")
     base = np.asarray(renderer.render(_job(root)).image, dtype=np.int16)
     images = {}
     for name, path in (("toy", result.lora_file), ("toy_kohya", result.kohya_file)):
-        lora = ResolvedLora(name=name, path=path.relative_to(root).as_posix(), digest=file_sha256(path), weight=1.0,
+        lora = ResolvedLora(name=name, path=path.relative_to(root).as_posix(), digest=file_digest(path), weight=1.0,
                             kind="character")
         images[name] = np.asarray(renderer.render(_job(root, [lora])).image, dtype=np.int16)
     assert np.abs(images["toy"] - base).mean() > 1.0, "the trained LoRA did not change the image"

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from core.files import fsync_tree
 from trainer.train import CHECKPOINT_PREFIX, TrainingError, restore_rng, rng_state_tensors
 
 FORMAT_VERSION = 1
@@ -26,17 +27,6 @@ def list_checkpoints(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.glob(CHECKPOINT_PREFIX + "*") if (p / "state.json").is_file())
-
-
-def _fsync_tree(folder: Path) -> None:
-    for p in folder.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _jsonable(obj):
@@ -88,7 +78,7 @@ def save(trainer) -> Path:
             "clip_i": {str(k): v for k, v in trainer.clip_i.items()},
         }
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -14,6 +14,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from core.digests import file_digest
+from core.errors import CastbookError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -27,18 +30,12 @@ class DataItem:
     is_class: bool = False  # prior-preservation image
 
 
-class DatasetError(Exception):
+class DatasetError(CastbookError):
     """Every problem found in the training data, reported together before training starts."""
 
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("training data has problems:\n" + "\n".join(f"  - {p}" for p in problems))
-
-
-def file_sha256(path: Path) -> str:
-    from renderer.plan import file_digest  # the one sha256-of-a-file, shared with job keys
-
-    return file_digest(path)
 
 
 def scan_folder(
@@ -75,7 +72,7 @@ def scan_folder(
         else:
             problems.append(f"image {img} has no caption file {txt.name}; write one (castbook dataset prepare lists them)")
             continue
-        items.append(DataItem(img, caption, file_sha256(img), width, height, is_class))
+        items.append(DataItem(img, caption, file_digest(img), width, height, is_class))
     return items, problems
 
 

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from renderer.outputs import atomic_write_bytes, atomic_write_text
+from core.files import atomic_write_bytes, atomic_write_text
 
 REGISTRY_SECTION = "loras"
 
@@ -55,10 +55,10 @@ def save_diffusers_lora(trainer, dst: Path, layers: dict[str, dict], metadata: d
 
 def to_kohya(src: Path, dst: Path, alpha: float, te_alpha: float, extra: dict[str, str]) -> Path:
     """Convert a diffusers-format LoRA file to kohya format (`lora_unet_...lora_down.weight` + `.alpha`)."""
-    from safetensors import safe_open
-    from safetensors.torch import save
     import torch
     from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors import safe_open
+    from safetensors.torch import save
 
     with safe_open(str(src), framework="pt") as f:
         sd = {k: f.get_tensor(k) for k in f.keys()}

@@ -20,7 +20,7 @@ import numpy as np
 from jinja2 import Environment
 from PIL import Image, ImageDraw
 
-from renderer.outputs import atomic_write_bytes, atomic_write_text
+from core.files import atomic_write_bytes, atomic_write_text
 from trainer.data import IMAGE_EXTENSIONS
 from trainer.prepare import PrepareError
 

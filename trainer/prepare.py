@@ -19,11 +19,13 @@ import numpy as np
 from jinja2 import Environment
 from PIL import Image, UnidentifiedImageError
 
-from renderer.outputs import atomic_write_bytes, atomic_write_text
-from trainer.data import IMAGE_EXTENSIONS, crop_to, file_sha256, make_buckets, nearest_bucket
+from core.digests import file_digest
+from core.errors import CastbookError
+from core.files import atomic_write_bytes, atomic_write_text
+from trainer.data import IMAGE_EXTENSIONS, crop_to, make_buckets, nearest_bucket
 
 
-class PrepareError(Exception):
+class PrepareError(CastbookError):
     pass
 
 
@@ -89,7 +91,7 @@ def prepare_dataset(src: Path, out: Path, options: PrepareOptions = PrepareOptio
     for path in images:
         rec = FileRecord(name=path.name, status="kept")
         records.append(rec)
-        rec.sha256 = file_sha256(path)
+        rec.sha256 = file_digest(path)
         # 1. exact duplicate
         if rec.sha256 in seen_sha:
             rec.status, rec.reasons = "dropped", [f"exact duplicate of {seen_sha[rec.sha256]}"]

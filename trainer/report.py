@@ -10,7 +10,7 @@ from pathlib import Path
 
 from jinja2 import Environment
 
-from renderer.outputs import atomic_write_text
+from core.files import atomic_write_text
 
 TEMPLATE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Training report: {{ d.name }}</title>

@@ -10,13 +10,12 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from renderer.outputs import atomic_write_bytes
-
+from core.files import atomic_write_bytes
 from schemas.job import RenderJob, ResolvedLora
 
 
 def sample_jobs(trainer, lora_path: Path, lora_digest: str) -> list[RenderJob]:
-    from renderer.plan import job_key
+    from schemas.expand import job_key
 
     spec, sm = trainer.spec, trainer.spec.samples
     lora = ResolvedLora(
@@ -52,7 +51,7 @@ def renderer_for(trainer):
 def render_step(trainer) -> tuple[list[str], float | None]:
     """Render the sample prompts with the current weights; returns image paths (relative to
     the run folder) and the mean CLIP-I to the references (None without references)."""
-    from trainer.data import file_sha256
+    from core.digests import file_digest
     from trainer.export import save_diffusers_lora
     from trainer.train import CHECKPOINT_PREFIX
 
@@ -64,7 +63,7 @@ def render_step(trainer) -> tuple[list[str], float | None]:
     was_training = trainer.models.unet.training
     images = []
 
-    for i, job in enumerate(sample_jobs(trainer, lora_path, file_sha256(lora_path))):
+    for i, job in enumerate(sample_jobs(trainer, lora_path, file_digest(lora_path))):
         out = renderer.render(job)
         buf = io.BytesIO()
         out.image.save(buf, format="PNG")

@@ -29,6 +29,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from core.digests import file_digest
+from core.errors import CastbookError
 from schemas.job import ResolvedModel
 from schemas.training import TrainingSpec
 from trainer import data as tdata
@@ -36,7 +38,7 @@ from trainer import data as tdata
 CHECKPOINT_PREFIX = "step-"
 
 
-class TrainingError(Exception):
+class TrainingError(CastbookError):
     """Bad input found before training starts; `problems` lists every one."""
 
     def __init__(self, problems: list[str] | str):
@@ -108,11 +110,11 @@ def resolve_base_model(spec: TrainingSpec, root: Path) -> ResolvedModel:
         return ResolvedModel(ref=ref, kind="builtin", digest=builtin_digest(ref))
     path = root / ref
     if path.is_dir():
-        from renderer.plan import folder_digest
+        from core.digests import folder_digest
 
         return ResolvedModel(ref=ref, kind="diffusers", digest=folder_digest(path))
     if path.suffix.lower() == ".safetensors" and path.is_file():
-        return ResolvedModel(ref=ref, kind="single_file", digest=tdata.file_sha256(path), config=spec.base_model_config)
+        return ResolvedModel(ref=ref, kind="single_file", digest=file_digest(path), config=spec.base_model_config)
     raise TrainingError(
         f"base_model {ref!r} is neither builtin:NAME, a diffusers folder nor a .safetensors file "
         f"under the project root {root}; fix the path (it is relative to the root)"
@@ -175,7 +177,7 @@ class TensorCache:
     def put(self, key: str, value: dict) -> dict:
         from safetensors.torch import save
 
-        from renderer.outputs import atomic_write_bytes
+        from core.files import atomic_write_bytes
 
         value = {k: v.detach().to("cpu", copy=True).float().contiguous() for k, v in value.items()}
         path = self.folder / key[:2] / f"{key}.safetensors"
@@ -255,7 +257,7 @@ def load_models(spec: TrainingSpec, root: Path, device: str | None, notes: list[
     import torch
     from diffusers import DDPMScheduler
 
-    from renderer.errors import JobError
+    from core.errors import JobError
     from renderer.models import load_base_pipeline, resolve_device
 
     device = resolve_device(device)

@@ -56,7 +56,7 @@ def run(args) -> int:
     # Imports here: `castbook --help` must not import torch.
     from pydantic import ValidationError
 
-    from renderer.errors import JobError
+    from core.errors import JobError
 
     try:
         from renderer.bench import BenchOptions, run_bench, summary_lines

@@ -34,7 +34,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     # Imports here: `castbook --help` must not import torch.
-    from renderer.errors import JobError
+    from core.errors import JobError
     from renderer.models import BASE_MODELS, CONTROLNET_MODELS, builtin_digest, export_builtin
 
     if args.models_command == "list":

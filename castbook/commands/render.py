@@ -78,7 +78,7 @@ def run(args) -> int:
         if report:
             print(f"report:   {report}", file=out)
         if c["failed"]:
-            from renderer.outputs import read_jsonl
+            from core.jsonl import read_jsonl
 
             for rec in read_jsonl(result.run_dir / "manifest.jsonl"):
                 if rec.get("status") == "failed":

@@ -35,7 +35,8 @@ def _run_root(image: Path) -> Path | None:
 
 
 def run(args) -> int:
-    from renderer.outputs import atomic_write_bytes, read_castbook_chunk
+    from core.files import atomic_write_bytes
+    from renderer.outputs import read_castbook_chunk
     from schemas.job import RenderJob
 
     if not args.image.is_file():

@@ -51,21 +51,21 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if args.toymodel_command == "train-clip":
-            from trainer import toy_clip
+            from toyworld import clip as toy_clip
 
             spec = toy_clip.load_clip_spec(args.spec)
             record = toy_clip.run_clip(spec, _root_for(args.spec), log=lambda m: print(m, flush=True))
             print(json.dumps(record["retrieval_held_out"], indent=2))
             return 0
         if args.toymodel_command == "train-controlnet":
-            from trainer import toy_controlnet
+            from toyworld import controlnet as toy_controlnet
 
             spec = toy_controlnet.load_controlnet_spec(args.spec)
             record = toy_controlnet.run_controlnet(spec, _root_for(args.spec), log=lambda m: print(m, flush=True),
                                                    do_eval=not args.no_eval)
             print(json.dumps(record.get("eval", {}), indent=2))
             return 0
-        from trainer import from_scratch
+        from toyworld import base as from_scratch
 
         spec = from_scratch.load_base_spec(args.spec)
         if args.toymodel_command == "train-base":
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result, indent=2, sort_keys=True))
         else:
-            from reports import toyworld_eval as ev
+            from toyworld import checker as ev
 
             print(ev.format_table(result))
         return 0

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from trainer import toyworld as tw
+    from toyworld import world as tw
 
     try:
         if args.only and args.character:
@@ -60,7 +60,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from reports import toyworld_eval as ev
+    from toyworld import checker as ev
 
     try:
         result = ev.evaluate_path(args.path, by_job=args.by_job)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from castbook.common import command_parser, print_spec_errors
@@ -25,19 +24,19 @@ def _training_schema():
 
 
 def _toy_base_schema():
-    from trainer.from_scratch import ToyBaseSpec
+    from toyworld.base import ToyBaseSpec
 
     return ToyBaseSpec
 
 
 def _toy_controlnet_schema():
-    from trainer.toy_controlnet import ToyControlNetSpec
+    from toyworld.controlnet import ToyControlNetSpec
 
     return ToyControlNetSpec
 
 
 def _toy_clip_schema():
-    from trainer.toy_clip import ToyClipSpec
+    from toyworld.clip import ToyClipSpec
 
     return ToyClipSpec
 

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 from skimage import measure
 
-from trainer import toyworld as tw
+from toyworld import world as tw
 
 ATTRIBUTES = ("colour", "shape", "expression", "background", "eyes")
 ALL_THREE = ("colour", "shape", "background")
@@ -237,7 +237,6 @@ def _unmix(pixels: np.ndarray, endmembers: np.ndarray) -> tuple[np.ndarray, np.n
 def classify(image: Image.Image | np.ndarray) -> Prediction:
     """Attributes of one toy-world image read from its pixels."""
     rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float64)
-    size = rgb.shape[0]
     lab = rgb_to_lab(rgb)
     # 1. scene from the border
     background = _classify_background(lab)

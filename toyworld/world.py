@@ -6,7 +6,7 @@ eight named colours, with two eyes (a nameable iris colour), an optional mouth
 (beach, town, night). Every image has a caption such as
 ``a red star character with green eyes and a happy face on the beach`` and a row of
 ground-truth attributes, so a model trained on it can be judged from pixels
-(``reports.toyworld_eval``).
+(``toyworld.checker``).
 
 Pure numpy + PIL, no unseeded randomness: image ``i`` of seed ``S`` depends only on
 ``(S, i)``, so the same seed gives identical PNG bytes and ``--count 10`` is a prefix of
@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -479,7 +478,7 @@ def png_bytes(img: Image.Image) -> bytes:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    from renderer.outputs import atomic_write_bytes  # the one atomic-write implementation
+    from core.files import atomic_write_bytes  # the one atomic-write implementation
 
     atomic_write_bytes(path, data)
 

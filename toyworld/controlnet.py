@@ -1,7 +1,7 @@
 """Train `builtin:toy-controlnet`: a ControlNet on the toy base model, conditioned on drawn pose maps.
 
 The control a user gives is `{type: canny, image: pose.png}` with a *pose map*: the
-character's outline as a white line on black (`trainer.toyworld.pose_map`, or drawn by
+character's outline as a white line on black (`toyworld.world.pose_map`, or drawn by
 hand). Training therefore shows the ControlNet exactly what the renderer will feed it:
 
 1. data: toy images (`toyworld.generate_one`) and, per image, the pose map of its body,
@@ -26,6 +26,11 @@ generators; the same spec on the same machine gives the same files.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 import json
 import time
@@ -154,7 +159,7 @@ def toy_examples(count: int, seed: int, size: int = 64):
     """(uint8 images N x 3 x size x size, captions, labels, uint8 control images), generated in memory."""
     import torch
 
-    from trainer import toyworld as tw
+    from toyworld import world as tw
 
     images, captions, labels, controls = [], [], [], []
     for i in range(count):
@@ -171,7 +176,7 @@ def encode_data(pipe, images_u8, captions, controls_u8) -> ControlData:
     """Latents (posterior means x scaling_factor) and caption embeddings from the frozen base pipeline."""
     import torch
 
-    from trainer import from_scratch as fs
+    from toyworld import base as fs
 
     latents = fs.encode_latents(pipe.vae, images_u8) * pipe.vae.config.scaling_factor
     index, embeds, pooled = fs.caption_embeddings(pipe, captions)
@@ -185,7 +190,7 @@ def sample_batch(data: ControlData, n: int, caption_dropout: float, control_drop
     """(latents, prompt embeds, pooled, control tensor) for `n` random images."""
     import torch
 
-    from trainer import from_scratch as fs
+    from toyworld import base as fs
 
     idx = torch.randint(0, len(data.latents), (n,), generator=generator)
     e = data.embeds[data.index[idx]].clone()
@@ -233,7 +238,7 @@ def controlnet_loss(unet, controlnet, latents, embeds, pooled, control, ac, spec
 
     `spec` supplies `noise_offset` and `snr_gamma`, the only fields unet_loss reads.
     """
-    from trainer import from_scratch as fs
+    from toyworld import base as fs
 
     return fs.unet_loss(controlled_unet(unet, controlnet, control), latents, embeds, pooled, ac, spec, size,
                         generator)
@@ -244,7 +249,7 @@ def paired_loss(unet, controlnet, data: ControlData, spec: ToyControlNetSpec, si
     """Denoising loss on the same noise and timesteps without and with the control (all of `data`, no dropout)."""
     import torch
 
-    from trainer import from_scratch as fs
+    from toyworld import base as fs
 
     lat, e, p = data.latents, data.embeds[data.index], data.pooled[data.index]
     c = control_tensor(data.control)
@@ -267,7 +272,7 @@ def train_controlnet(unet, data: ControlData, spec: ToyControlNetSpec, scheduler
     """Train a fresh ControlNet on the frozen `unet`; returns (controlnet, losses, seconds)."""
     import torch
 
-    from trainer import from_scratch as fs
+    from toyworld import base as fs
 
     unet.eval().requires_grad_(False)
     controlnet = build_controlnet(unet, spec.seed)
@@ -318,7 +323,7 @@ def pose_mask(shape: str, pose, size: int = 64) -> np.ndarray:
     """The filled pose polygon (what `render` paints as the body), as a boolean mask."""
     from PIL import Image, ImageDraw
 
-    from trainer import toyworld as tw
+    from toyworld import world as tw
 
     k = tw._SS
     img = Image.new("L", (size * k, size * k), 0)
@@ -329,14 +334,14 @@ def pose_mask(shape: str, pose, size: int = 64) -> np.ndarray:
 def body_mask(image, background: str) -> np.ndarray:
     """The character's filled silhouette in an image of the prompted scene (empty if none).
 
-    The checker's body step (`reports.toyworld_eval.classify`, 2.) with the scene known from the
+    The checker's body step (`toyworld.checker.classify`, 2.) with the scene known from the
     prompt: pixels nearer (CIELAB) to any body colour than to the scene's palette, the sclera or
     the mouth colour; the largest connected component, holes (eyes, mouth) filled.
     """
     from scipy import ndimage
 
-    from reports.toyworld_eval import rgb_to_lab
-    from trainer import toyworld as tw
+    from toyworld import world as tw
+    from toyworld.checker import rgb_to_lab
 
     rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
     lab = rgb_to_lab(rgb)
@@ -378,7 +383,7 @@ def _summary(scores: list[dict]) -> dict:
 
 def eval_cases(spec: ControlEvalSpec, size: int = 64):
     """The held-out labels (poses + prompts) and their control images."""
-    from trainer import toyworld as tw
+    from toyworld import world as tw
 
     labels = [tw.sample_label(spec.seed, i, size)[0] for i in range(spec.count)]
     return labels, [control_image(tw.pose_map(l.shape, l.pose, size), size) for l in labels]
@@ -390,13 +395,13 @@ def evaluate_controlnet(base_pipe, controlnet, spec: ControlEvalSpec, size: int 
 
     Returns `{"count", "with_control": {...}, "without_control": {...}, ...}`; each side has
     mean_iou, position_hit_rate (centroid within 0.5 radius of the pose centre),
-    mean_centroid_distance_px, bodies_found and `checker` (reports.toyworld_eval accuracy).
+    mean_centroid_distance_px, bodies_found and `checker` (toyworld.checker accuracy).
     """
     import torch
     from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
 
-    from reports import toyworld_eval as ev
-    from trainer import from_scratch as fs
+    from toyworld import base as fs
+    from toyworld import checker as ev
 
     # 1. the held-out cases
     labels, maps = eval_cases(spec, size)
@@ -449,7 +454,7 @@ def run_controlnet(spec: ToyControlNetSpec, root: Path, log: Callable[[str], Non
     """Data, training, export to `root/spec.output`, eval. Returns the training record."""
     import torch
 
-    from trainer import from_scratch as fs
+    from toyworld import base as fs
 
     def resolve(p: str) -> Path:
         return Path(p) if Path(p).is_absolute() else Path(root) / p

@@ -1,42 +1,33 @@
 """Expansion of a validated spec into fully resolved render jobs, and their keys.
 
-`expand` is pure: no file reads, no randomness. The file digests it needs are
-computed once at the edge (`compute_digests`) and passed in. `load_plan` is the
-edge: files → Spec → digests → jobs. Nothing here imports torch.
+`expand` is pure: no file reads, no randomness. The file digests it needs are computed once at
+the edge (`schemas.plan.compute_digests`) and passed in. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from schemas.builtins import DEFAULT_CONTROLNET, DEFAULT_SCORER, builtin_digest
+from core.digests import canonical_json
+from core.errors import CastbookError
+from schemas.builtins import DEFAULT_CONTROLNET, builtin_digest
 from schemas.checks import job_count_error, seed_list
-from schemas.job import ResolvedControl, ResolvedLora, ResolvedModel, RenderJob
-from schemas.loader import SpecErrors, glob_matches
+from schemas.job import RenderJob, ResolvedControl, ResolvedLora, ResolvedModel
 from schemas.presets import resolve_presets
 from schemas.spec import BuiltinModel, DiffusersFolder, SingleFile, Spec
-from schemas.spec_loader import load_spec
 from schemas.templates import prompt_variables, render_prompt
 
 NO_CHARACTER = "nocharacter"
 SWEEP_SHORT = {"guidance_scale": "cfg", "num_inference_steps": "steps", "scheduler": "sched", "width": "w", "height": "h"}
-DIGEST_CHUNK = 1 << 20
 
 
-class PlanError(ValueError):
+class PlanError(CastbookError):
     """Raised by `expand` for a spec that cannot be expanded (normally caught by validation)."""
 
 
 # --- keys -------------------------------------------------------------------------------------
-
-
-def canonical_json(data) -> str:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def job_key(job: RenderJob) -> str:
@@ -218,114 +209,4 @@ def _control(control, scale: float | None, spec: Spec, digests: dict[str, str]) 
     )
 
 
-# --- the edge: files, digests ---------------------------------------------------------------
-
-
-def file_digest(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(DIGEST_CHUNK):
-            sha.update(chunk)
-    return sha.hexdigest()
-
-
-def folder_digest(path: Path) -> str:
-    """Digest of a diffusers folder: every file's relative path and content."""
-    sha = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)):
-        sha.update(file.relative_to(path).as_posix().encode() + b"\0" + file_digest(file).encode() + b"\n")
-    return sha.hexdigest()
-
-
-def referenced_files(spec: Spec) -> set[str]:
-    """Every root-relative path whose bytes change pixels."""
-    paths: set[str] = {lora.path for lora in spec.loras.values()}
-    models = [spec.defaults.base_model, *spec.defaults.controlnets.values()]
-    if spec.performance.vae:
-        paths.add(spec.performance.vae)
-    for scene in spec.scenes.values():
-        for control in scene.controls:
-            paths.add(control.image)
-            if control.model is not None:
-                models.append(control.model)
-    for model in models:
-        if isinstance(model, (DiffusersFolder, SingleFile)):
-            paths.add(model.path)
-    return paths
-
-
-def compute_digests(spec: Spec, root: Path) -> dict[str, str]:
-    out = {}
-    for rel in sorted(referenced_files(spec)):
-        path = root / rel
-        out[rel] = folder_digest(path) if path.is_dir() else file_digest(path)
-    return out
-
-
-@dataclass(frozen=True)
-class Plan:
-    spec: Spec
-    jobs: list[RenderJob]
-    root: Path
-    spec_files: list[Path]  # relative to root (main file first, then includes)
-    characters: dict[str, dict] = field(default_factory=dict)
-    performance: dict = field(default_factory=dict)
-    scoring: dict = field(default_factory=dict)
-
-    @property
-    def max_lora_rank(self) -> int | None:
-        ranks = [lora.rank for lora in self.spec.loras.values() if lora.rank]
-        return max(ranks) if ranks else None
-
-
-def character_info(spec: Spec, root: Path) -> dict[str, dict]:
-    """Per character, what the reports need from the spec (stored as run.json `characters`)."""
-    info = {}
-    for name, character in spec.characters.items():
-        references = [p.relative_to(root).as_posix() for pattern in character.references
-                      for p in glob_matches(str(root / pattern))]
-        info[name] = {
-            "description": character.description,
-            "trigger_words": list(character.trigger_words),
-            "references": list(dict.fromkeys(references)),
-            "threshold": character.threshold,
-            "min_pass_rate": character.min_pass_rate,
-            # Job matrices with `gate: false`: shown in the report, left out of this character's gate.
-            "ungated_jobs": sorted(jname for jname, job in spec.jobs.items()
-                                   if not job.gate and name in job.characters),
-        }
-    return info
-
-
-def _scoring(spec: Spec) -> dict:
-    """The spec's scorer; a built-in base model with its own scorer gets it unless the spec names one."""
-    scoring = spec.scoring.model_dump()
-    base = spec.defaults.base_model
-    if "model" not in spec.scoring.model_fields_set and isinstance(base, BuiltinModel) and base.name in DEFAULT_SCORER:
-        scoring["model"] = f"builtin:{DEFAULT_SCORER[base.name]}"
-    return scoring
-
-
-def load_plan(spec_paths: list[Path] | Path, overrides: list[str] = (), root: Path | None = None,
-              only: str | None = None) -> Plan:
-    """Files → validated spec → digests → jobs. Raises SpecErrors."""
-    loaded = load_spec(spec_paths, overrides, root)
-    digests = compute_digests(loaded.spec, loaded.root)
-    jobs = expand(loaded.spec, digests)
-    if only:
-        import fnmatch
-
-        jobs = [j for j in jobs if fnmatch.fnmatchcase(j.name, only) or fnmatch.fnmatchcase(j.job, only)]
-    return Plan(
-        spec=loaded.spec,
-        jobs=jobs,
-        root=loaded.root,
-        spec_files=[p.resolve().relative_to(loaded.root) if p.resolve().is_relative_to(loaded.root) else p
-                    for p in loaded.files],
-        characters=character_info(loaded.spec, loaded.root),
-        performance=loaded.spec.performance.model_dump(),
-        scoring=_scoring(loaded.spec),
-    )
-
-
-__all__ = ["Plan", "PlanError", "SpecErrors", "compute_digests", "derive_seed", "expand", "job_key", "load_plan"]
+__all__ = ["NO_CHARACTER", "PlanError", "derive_seed", "expand", "job_key"]

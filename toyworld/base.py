@@ -25,6 +25,11 @@ generators; the same spec on the same machine gives the same files (when the run
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
 import copy
 import json
 import math
@@ -135,7 +140,7 @@ def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict | None = N
     """Write a safetensors file atomically (temp file in the same folder, fsync, replace)."""
     from safetensors.torch import save
 
-    from renderer.outputs import atomic_write_bytes  # the one atomic-write implementation
+    from core.files import atomic_write_bytes  # the one atomic-write implementation
 
     data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
     atomic_write_bytes(Path(path), data)
@@ -146,7 +151,7 @@ def toy_images(count: int, seed: int, size: int = 64, holdout: str = "default"):
     import numpy as np
     import torch
 
-    from trainer import toyworld as tw
+    from toyworld import world as tw
 
     hold = tw.holdout_by_name(holdout)
     arr = np.empty((count, size, size, 3), dtype=np.uint8)
@@ -543,7 +548,7 @@ def load_pipeline(folder: Path):
 def eval_prompts() -> list[tuple[str, dict]]:
     """The fixed prompt grid: every colour x shape x background outside the hold-outs
     (135 prompts); eye colour and expression cycle so every value appears."""
-    from trainer import toyworld as tw
+    from toyworld import world as tw
 
     out = []
     eyes, exprs = list(tw.EYE_COLOURS), list(tw.EXPRESSIONS)
@@ -575,8 +580,8 @@ def render_grid(pipe, prompts: list[str], spec: EvalSpec, size: int = 64, negati
 
 
 def evaluate_pipeline(pipe, spec: EvalSpec, size: int = 64, limit: int | None = None, save_dir: Path | None = None):
-    """Render the prompt grid and read it back with `reports.toyworld_eval`; returns the result dict."""
-    from reports import toyworld_eval as ev
+    """Render the prompt grid and read it back with `toyworld.checker`; returns the result dict."""
+    from toyworld import checker as ev
 
     grid = eval_prompts()[:limit] if limit else eval_prompts()
     images = render_grid(pipe, [p for p, _ in grid], spec, size)

@@ -115,7 +115,6 @@ def normalize(images_u8):
 
 def contrastive_loss(model, images, tokens, caption_ids):
     """Symmetric InfoNCE; images with the same caption are all positives (soft targets)."""
-    import torch
     import torch.nn.functional as F
 
     img, txt, scale = model(images, tokens)[:3]
@@ -206,7 +205,7 @@ def save_clip(model, folder: Path) -> None:
 
     import torch
 
-    from trainer.from_scratch import atomic_save_safetensors
+    from toyworld.base import atomic_save_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -240,7 +239,7 @@ def run_clip(spec: ToyClipSpec, root: Path, log: Callable[[str], None] = print) 
     """Generate data, train, save to `root/spec.output`, measure retrieval. Returns the record."""
     import torch
 
-    from trainer.from_scratch import set_determinism, toy_images
+    from toyworld.base import set_determinism, toy_images
 
     set_determinism(spec.seed, spec.threads)
     t_start = time.time()

@@ -1,0 +1,107 @@
+"""The edge of planning: spec files → validated spec → file digests → jobs (`load_plan`).
+
+Reads files (the spec, the digests of every file that changes pixels) but imports no torch, so
+`castbook plan` and `castbook validate` stay fast. Expansion itself is `schemas.expand.expand`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.digests import path_digest
+from schemas.builtins import DEFAULT_SCORER
+from schemas.expand import expand
+from schemas.job import RenderJob
+from schemas.loader import glob_matches
+from schemas.spec import BuiltinModel, DiffusersFolder, SingleFile, Spec
+from schemas.spec_loader import load_spec
+
+
+def referenced_files(spec: Spec) -> set[str]:
+    """Every root-relative path whose bytes change pixels."""
+    paths: set[str] = {lora.path for lora in spec.loras.values()}
+    models = [spec.defaults.base_model, *spec.defaults.controlnets.values()]
+    if spec.performance.vae:
+        paths.add(spec.performance.vae)
+    for scene in spec.scenes.values():
+        for control in scene.controls:
+            paths.add(control.image)
+            if control.model is not None:
+                models.append(control.model)
+    for model in models:
+        if isinstance(model, (DiffusersFolder, SingleFile)):
+            paths.add(model.path)
+    return paths
+
+
+def compute_digests(spec: Spec, root: Path) -> dict[str, str]:
+    return {rel: path_digest(root / rel) for rel in sorted(referenced_files(spec))}
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: Spec
+    jobs: list[RenderJob]
+    root: Path
+    spec_files: list[Path]  # relative to root (main file first, then includes)
+    characters: dict[str, dict] = field(default_factory=dict)
+    performance: dict = field(default_factory=dict)
+    scoring: dict = field(default_factory=dict)
+
+    @property
+    def max_lora_rank(self) -> int | None:
+        ranks = [lora.rank for lora in self.spec.loras.values() if lora.rank]
+        return max(ranks) if ranks else None
+
+
+def character_info(spec: Spec, root: Path) -> dict[str, dict]:
+    """Per character, what the reports need from the spec (stored as run.json `characters`)."""
+    info = {}
+    for name, character in spec.characters.items():
+        references = [p.relative_to(root).as_posix() for pattern in character.references
+                      for p in glob_matches(str(root / pattern))]
+        info[name] = {
+            "description": character.description,
+            "trigger_words": list(character.trigger_words),
+            "references": list(dict.fromkeys(references)),
+            "threshold": character.threshold,
+            "min_pass_rate": character.min_pass_rate,
+            # Job matrices with `gate: false`: shown in the report, left out of this character's gate.
+            "ungated_jobs": sorted(jname for jname, job in spec.jobs.items()
+                                   if not job.gate and name in job.characters),
+        }
+    return info
+
+
+def _scoring(spec: Spec) -> dict:
+    """The spec's scorer; a built-in base model with its own scorer gets it unless the spec names one."""
+    scoring = spec.scoring.model_dump()
+    base = spec.defaults.base_model
+    if "model" not in spec.scoring.model_fields_set and isinstance(base, BuiltinModel) and base.name in DEFAULT_SCORER:
+        scoring["model"] = f"builtin:{DEFAULT_SCORER[base.name]}"
+    return scoring
+
+
+def load_plan(spec_paths: list[Path] | Path, overrides: list[str] = (), root: Path | None = None,
+              only: str | None = None) -> Plan:
+    """Files → validated spec → digests → jobs. Raises SpecErrors."""
+    loaded = load_spec(spec_paths, overrides, root)
+    digests = compute_digests(loaded.spec, loaded.root)
+    jobs = expand(loaded.spec, digests)
+    if only:
+        jobs = [j for j in jobs if fnmatch.fnmatchcase(j.name, only) or fnmatch.fnmatchcase(j.job, only)]
+    return Plan(
+        spec=loaded.spec,
+        jobs=jobs,
+        root=loaded.root,
+        spec_files=[p.resolve().relative_to(loaded.root) if p.resolve().is_relative_to(loaded.root) else p
+                    for p in loaded.files],
+        characters=character_info(loaded.spec, loaded.root),
+        performance=loaded.spec.performance.model_dump(),
+        scoring=_scoring(loaded.spec),
+    )
+
+
+__all__ = ["Plan", "compute_digests", "load_plan"]
