@@ -16,12 +16,13 @@
 #
 # Runs: eager and compiled, each with a 2-LoRA stack and one ControlNet (plus, on GPU, a short
 # 2-LoRA run without ControlNet for the ≤ 10 GB memory target); every figure is printed,
-# and the results JSON files are written to $OUT (when set) and to --out (default $OUT or runs/bench).
+# and the results JSON files are written to --out DIR only (default runs/bench; on a device machine
+# pass --out "$OUT" to bring them back).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 MODE=gpu
-OUT_DIR="${OUT:-runs/bench}"
+OUT_DIR=runs/bench
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --cpu) MODE=cpu; shift ;;
@@ -114,5 +115,4 @@ done
 echo
 echo "== results JSON =="
 ls -1 "$OUT_DIR"/*.json
-if [[ -n "${OUT:-}" && "$OUT" != "$OUT_DIR" ]]; then ls -1 "$OUT"/*.json || true; fi
 echo "suite finished in ${SECONDS}s"

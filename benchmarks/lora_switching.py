@@ -14,8 +14,6 @@ No assertions.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import random
 import sys
@@ -25,9 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from core.digests import file_digest  # noqa: E402
 from renderer.actor import RenderActor  # noqa: E402
 from renderer.runner import order_jobs  # noqa: E402
 from schemas.builtins import builtin_digest  # noqa: E402
+from schemas.expand import job_key  # noqa: E402
 from schemas.job import RenderJob, ResolvedLora, ResolvedModel  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,29 +40,28 @@ def make_jobs(n_loras: int, per_lora: int) -> list[RenderJob]:
     jobs = []
     for li in range(n_loras):
         path = FILES[li % len(FILES)]
-        digest = hashlib.sha256((REPO / path).read_bytes()).hexdigest()
+        digest = file_digest(REPO / path)
         lora = ResolvedLora(name=f"lora{li:02d}", path=path, digest=digest, weight=0.8, kind="style")
         for s in range(per_lora):
             j = RenderJob(key="", name=f"bench/hero/s{li}/draft/seed-{s}", job="bench", character="hero",
                           scene=f"s{li}", preset="draft", prompt="a hero", negative_prompt="", seed=s,
                           width=64, height=64, num_inference_steps=2, guidance_scale=5.0, scheduler="euler",
                           dtype="fp32", base_model=model, loras=(lora,))
-            key = hashlib.sha256(json.dumps(j.pixel_fields(), sort_keys=True).encode()).hexdigest()
-            jobs.append(j.model_copy(update={"key": key}))
+            jobs.append(j.model_copy(update={"key": job_key(j)}))
     return jobs
 
 
 def run(jobs: list[RenderJob]) -> tuple[float, int, int, float]:
-    actor = RenderActor(REPO, {}, jobs[0].base_model.model_dump(mode="json"))
+    actor = RenderActor(root=REPO, performance={}, base_model=jobs[0].base_model)
     t = time.perf_counter()
     switches = 0
     lora_s = 0.0  # actor-side LoRA load + switch time: robust to a busy machine's denoise noise
     for j in jobs:
-        res = actor.render(j.model_dump(mode="json"))
-        if res["error"]:
-            sys.exit(f"{j.name}: {res['error']}")
-        switches += bool(res["lora_switched"])
-        lora_s += res["timings"].get("lora_load_s", 0.0) + res["timings"].get("lora_switch_s", 0.0)
+        res = actor.render(job=j)
+        if res.error:
+            sys.exit(f"{j.name}: {res.error}")
+        switches += res.lora_switched
+        lora_s += res.timings.get("lora_load_s", 0.0) + res.timings.get("lora_switch_s", 0.0)
     seconds = time.perf_counter() - t
     loads = sum((actor.stats().get("lora_loads") or {}).values())
     return seconds, loads, switches, lora_s

@@ -26,15 +26,15 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from core.jsonl import read_jsonl  # noqa: E402
 from renderer.runner import run_render  # noqa: E402
 from schemas.builtins import builtin_digest  # noqa: E402
+from schemas.expand import job_key  # noqa: E402
 from schemas.job import RenderJob, ResolvedModel  # noqa: E402
+from schemas.plan import Plan  # noqa: E402
+from schemas.spec import Spec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def make_jobs(n: int, steps: int, size: int) -> list[RenderJob]:
-    import hashlib
-    import json
-
     model = ResolvedModel(ref="builtin:tiny-sdxl", kind="builtin", digest=builtin_digest("tiny-sdxl"))
     jobs = []
     for i in range(n):
@@ -42,15 +42,12 @@ def make_jobs(n: int, steps: int, size: int) -> list[RenderJob]:
                       scene="scene", preset="draft", prompt=f"a hero, picture {i}", negative_prompt="blurry",
                       seed=i, width=size, height=size, num_inference_steps=steps, guidance_scale=5.0,
                       scheduler="euler", dtype="fp32", base_model=model)
-        key = hashlib.sha256(json.dumps(j.pixel_fields(), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-        jobs.append(j.model_copy(update={"key": key}))
+        jobs.append(j.model_copy(update={"key": job_key(j)}))
     return jobs
 
 
-class Plan:
-    def __init__(self, jobs):
-        self.jobs, self.root, self.spec_files = jobs, REPO, []
-        self.characters, self.performance, self.scoring = {}, {}, {}
+def plan_of(jobs: list[RenderJob]) -> Plan:
+    return Plan(spec=Spec(), jobs=jobs, root=REPO, spec_files=[])
 
 
 def ts(s: str) -> float:
@@ -63,7 +60,8 @@ def bare(jobs: list[RenderJob], warmup: int) -> tuple[float, float, float]:
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from renderer.models import builtin_dir, make_scheduler
+    from renderer.builtins import builtin_dir
+    from renderer.models import make_scheduler
 
     pipe = StableDiffusionXLPipeline.from_pretrained(builtin_dir("tiny-sdxl"), local_files_only=True,
                                                      use_safetensors=True)
@@ -83,7 +81,7 @@ def bare(jobs: list[RenderJob], warmup: int) -> tuple[float, float, float]:
 
 def castbook(jobs: list[RenderJob], warmup: int, executor: str) -> tuple[float, dict]:
     out = Path(tempfile.mkdtemp(prefix="cb-overhead-"))
-    r = run_render(Plan(jobs), out_dir=out, executor=executor, progress=False, quiet=True)
+    r = run_render(plan_of(jobs), out_dir=out, executor=executor, progress=False, quiet=True)
     assert r.exit_code == 0, r.counts
     recs = read_jsonl(r.run_dir / "manifest.jsonl")
     done = sorted(ts(x["finished_at"]) for x in recs)

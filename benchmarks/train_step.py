@@ -44,7 +44,7 @@ def bare_step_fn(trainer, device: str, batch: int, seed: int):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
 
-    from renderer.models import builtin_dir
+    from renderer.builtins import builtin_dir
 
     unet = UNet2DConditionModel.from_pretrained(builtin_dir("tiny-sdxl") / "unet", local_files_only=True).to(device)
     unet.requires_grad_(False)

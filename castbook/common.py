@@ -1,4 +1,8 @@
-"""Argument helpers shared by the commands that read specs."""
+"""Argument helpers shared by the commands, and the one way errors are printed.
+
+Commands raise; `castbook.cli.main` prints. A `CastbookError` becomes `castbook <command>: <message>`
+(a `SpecErrors` becomes its located lines and a count) and the process exits with its `exit_code`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,28 @@ import argparse
 import sys
 from pathlib import Path
 
+from core.errors import CastbookError, InputError
 from schemas.loader import SpecErrors
+
+ROOT_HELP = "project root: spec paths are relative to it (default: nearest folder above the spec with .git or pyproject.toml)"
+
+
+def add_root_arg(parser: argparse.ArgumentParser) -> None:
+    """`--root`, the same for every command that reads a spec."""
+    parser.add_argument("--root", type=Path, default=None, help=ROOT_HELP)
+
+
+def resolve_root(args: argparse.Namespace, spec_paths: list[Path] | Path) -> Path:
+    """`--root` if given, else the project root found above the first spec (absolute, resolved)."""
+    from schemas.paths import find_project_root
+
+    if getattr(args, "root", None) is not None:
+        if not Path(args.root).is_dir():
+            raise InputError(f"--root {args.root} is not a folder; give the project folder that holds the spec's "
+                             "files, or leave --root out to use the nearest folder with .git or pyproject.toml")
+        return Path(args.root).resolve()
+    first = spec_paths[0] if isinstance(spec_paths, (list, tuple)) else spec_paths
+    return find_project_root(Path(first).absolute())
 
 
 def add_spec_args(parser: argparse.ArgumentParser, many: bool = True) -> None:
@@ -14,8 +39,7 @@ def add_spec_args(parser: argparse.ArgumentParser, many: bool = True) -> None:
                         help="spec file(s); later files are merged into the first like includes")
     parser.add_argument("-s", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a spec value after loading, e.g. -s defaults.preset=draft (repeatable)")
-    parser.add_argument("--root", type=Path, default=None,
-                        help="project root (default: nearest folder with .git or pyproject.toml)")
+    add_root_arg(parser)
 
 
 def command_parser(subparsers, name: str, help: str, example: str) -> argparse.ArgumentParser:
@@ -30,13 +54,55 @@ def print_spec_errors(exc: SpecErrors) -> None:
     print(f"{n} error{'s' if n != 1 else ''}", file=sys.stderr)
 
 
-def plan_or_exit(args: argparse.Namespace, only: str | None = None):
-    """Load and expand the spec; on errors print them located and exit 2."""
+def print_error(command: str, exc: CastbookError) -> None:
+    """How every castbook error reaches the user: located spec lines, or one `castbook CMD: message`."""
+    if isinstance(exc, SpecErrors):
+        print_spec_errors(exc)
+    else:
+        print(f"castbook {command}: {exc}", file=sys.stderr)
+
+
+def load_plan_args(args: argparse.Namespace, only: str | None = None):
+    """Load and expand the spec named on the command line. Raises SpecErrors (printed by `main`)."""
     from schemas.plan import load_plan
 
     specs = args.spec if isinstance(args.spec, list) else [args.spec]
-    try:
-        return load_plan(specs, args.overrides, args.root, only=only)
-    except SpecErrors as exc:
-        print_spec_errors(exc)
-        raise SystemExit(2) from None
+    return load_plan(specs, args.overrides, resolve_root(args, specs), only=only)
+
+
+def check_output_root(out: Path, option: str = "--out") -> Path:
+    """Create the output root if needed and prove it is writable, before any work. Raises InputError."""
+    from core.paths import ensure_writable_folder
+
+    fix = f"give {option} a folder you can write to (it is created if missing), e.g. {option} runs"
+    return ensure_writable_folder(out, option, fix)
+
+
+def check_cache_home(model_refs) -> None:
+    """Raise InputError when a built-in the command will build is not saved yet and the cache home
+    ($CASTBOOK_HOME, default ~/.cache/castbook) cannot be written. Saved built-ins need no writes."""
+    from core.home import HOME_ENV, builtins_dir, castbook_home
+    from core.paths import ensure_writable_folder
+    from schemas.builtins import BUILTIN_RECIPES, SHIPPED_WEIGHTS
+
+    built = {r.removeprefix("builtin:").split("@")[0] for r in model_refs if str(r).startswith("builtin:")}
+    if "tiny-controlnet" in built:
+        built.add("tiny-sdxl")  # the ControlNet is built from the saved tiny UNet
+    to_save = sorted(n for n in built if n in BUILTIN_RECIPES and n not in SHIPPED_WEIGHTS and n != "sdxl-random"
+                     and not (builtins_dir() / f"{n}-r{BUILTIN_RECIPES[n]}").is_dir())
+    if to_save:
+        names = ", ".join(f"builtin:{n}" for n in to_save)
+        ensure_writable_folder(
+            builtins_dir(), "the model cache",
+            f"castbook saves {names} there once; set {HOME_ENV} (now {castbook_home()}) to a writable folder")
+
+
+def plan_model_refs(plan, scorer: bool = True) -> set[str]:
+    """Every model a plan loads: base models, VAEs, ControlNets and (with `scorer`) the scorer."""
+    refs = {str((plan.scoring or {}).get("model") or "builtin:tiny-clip")} if scorer else set()
+    for job in plan.jobs:
+        refs.add(job.base_model.ref)
+        refs.update(c.model.ref for c in job.controls)
+        if job.vae is not None:
+            refs.add(job.vae.ref)
+    return refs

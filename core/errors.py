@@ -1,5 +1,9 @@
 """castbook's error types. The CLI prints any `CastbookError` as its message (no traceback) and exits
-with its `exit_code`: 2 for input a user can fix (a spec, a path, a file), 1 for work that failed."""
+with its `exit_code`: 2 for input a user can fix (a spec, a path, a file), 1 for work that failed.
+
+Raise them where the bad value is known (the loader knows the line, the runner knows the folder).
+`castbook.cli.main` also turns an OSError on a path the user named (or on $CASTBOOK_HOME) into
+exit 2; any other exception is a bug in castbook and keeps its traceback."""
 
 from __future__ import annotations
 

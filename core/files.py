@@ -108,3 +108,28 @@ def swap_in_folder(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_folder(tmp: Path, final: Path) -> bool:
+    """Move the finished folder `tmp` to `final` unless another writer got there first.
+
+    For build-once caches (built-in models, the tiny scorer): every process may build its own
+    copy in a `new_temp_folder(final)`; the first to finish publishes it, the others' copies are
+    deleted and they use the published one. Returns True when `tmp` became `final`. Files are made
+    world-readable and fsync'd before the rename, as in `swap_in_folder`.
+    """
+    tmp, final = Path(tmp), Path(final)
+    try:
+        for p in [tmp, *tmp.rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        fsync_tree(tmp)
+        try:
+            os.rename(tmp, final)  # atomic; fails when another writer published a non-empty folder
+        except OSError:
+            if not final.exists():
+                raise
+            return False
+        fsync_dir(final.parent)
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

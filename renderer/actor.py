@@ -2,10 +2,16 @@
 
 A plain class. The runner wraps it with `ray.remote` (one Ray actor per GPU/slot); with
 `--executor local` the same class runs in-process. Following the Ray pattern, the model
-loads in the constructor and the work happens in `render`.
+loads in the constructor and the work happens in `render`. Every argument is keyword-only,
+and a job's outcome comes back as a typed `schemas.records.RenderResult`.
 
 The actor returns bytes (PNG with metadata already embedded, control maps): the driver
 writes every file, so nothing assumes a disk shared between nodes.
+
+Process-wide settings (torch threads, library progress bars) are changed only inside a Ray
+worker (`CASTBOOK_IN_RAY=1`), a process the actor owns. In-process (`--executor local`,
+`castbook reproduce`, `castbook bench`) the actor changes neither: the caller decides
+(`renderer.executors` wraps the local run in `quiet_loading_bars`).
 """
 
 from __future__ import annotations
@@ -14,41 +20,27 @@ import io
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from renderer.outputs import castbook_version, encode_png
+from renderer import test_hooks
+from renderer.outputs import castbook_version
+from renderer.png_metadata import encode_png
 from schemas.job import RenderJob, ResolvedModel
-
-# Test-only hook: when CASTBOOK_TEST_CRASH_KEY names a job key (prefix), the actor process
-# exits abruptly (os._exit) on that job, once: CASTBOOK_TEST_CRASH_MARKER is a file created
-# just before exiting, so the restarted actor renders the job normally.
-CRASH_KEY_ENV = "CASTBOOK_TEST_CRASH_KEY"
-CRASH_MARKER_ENV = "CASTBOOK_TEST_CRASH_MARKER"
-# Test-only: seconds to sleep before each job, so a test can kill a run part-way, reliably.
-DELAY_ENV = "CASTBOOK_TEST_JOB_DELAY_S"
+from schemas.records import RenderResult
 
 
-def _maybe_crash(key: str) -> None:
-    prefix = os.environ.get(CRASH_KEY_ENV)
-    marker = os.environ.get(CRASH_MARKER_ENV)
-    if not prefix or not marker or not key.startswith(prefix):
-        return
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.close(fd)
-    os._exit(17)
+def _in_ray() -> bool:
+    return os.environ.get("CASTBOOK_IN_RAY") == "1"
 
 
 def _configure_threads() -> None:
     """Ray forces OMP_NUM_THREADS=1 in workers; give torch the threads an in-process run gets.
 
     Same thread count in the actor and in `castbook reproduce` keeps reductions (and so
-    pixels) identical, and one actor per machine should use the machine.
+    pixels) identical, and one actor per machine should use the machine. Ray workers only.
     """
-    if os.environ.get("CASTBOOK_IN_RAY") != "1":
-        return
     import torch
 
     n = os.environ.get("CASTBOOK_TORCH_THREADS")
@@ -64,20 +56,29 @@ def _configure_threads() -> None:
     torch.set_num_threads(max(1, threads))
 
 
-def _quiet_libraries() -> None:
-    # Loading bars from diffusers/transformers would interleave with the driver's progress bar.
-    try:
-        import diffusers.utils.logging as dl
-        import transformers.utils.logging as tl
+@contextmanager
+def quiet_loading_bars() -> Iterator[None]:
+    """diffusers/transformers loading bars off inside the block, restored after.
 
-        dl.disable_progress_bar()
-        tl.disable_progress_bar()
-    except Exception:
-        pass
+    They would interleave with the driver's progress bar.
+    """
+    import diffusers.utils.logging as dl
+    import transformers.utils.logging as tl
+
+    was = (dl.is_progress_bar_enabled(), tl.is_progress_bar_enabled())
+    dl.disable_progress_bar()
+    tl.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            dl.enable_progress_bar()
+        if was[1]:
+            tl.enable_progress_bar()
 
 
 def _ray_node_id() -> str | None:
-    if os.environ.get("CASTBOOK_IN_RAY") != "1":
+    if not _in_ray():
         return None
     import ray
 
@@ -95,24 +96,31 @@ def _lora_stack(job: RenderJob) -> tuple:
 
 
 class RenderActor:
-    """Loads the base pipeline once; `render(job_json)` returns a result dict, never raises."""
+    """Loads the base pipeline once; `render(job=...)` returns a `RenderResult`, never raises."""
 
     def __init__(
         self,
+        *,
         root: str | Path,
         performance: dict | None = None,
-        base_model: dict | None = None,
+        base_model: ResolvedModel | None = None,
         index: int = 0,
         device: str | None = None,
         dtype: str = "auto",
-        warmup_job: dict | None = None,
-        vae: dict | None = None,
+        warmup_job: RenderJob | None = None,
+        vae: ResolvedModel | None = None,
     ):
         t0 = time.perf_counter()
-        _configure_threads()
+        if _in_ray():  # this worker process is ours: set it up like an in-process run
+            _configure_threads()
         from renderer.pipeline import JobRenderer  # torch/diffusers import happens here
 
-        _quiet_libraries()
+        if _in_ray():
+            import diffusers.utils.logging as dl
+            import transformers.utils.logging as tl
+
+            dl.disable_progress_bar()
+            tl.disable_progress_bar()
 
         self.index = index
         self.performance = dict(performance or {})
@@ -124,8 +132,7 @@ class RenderActor:
         self.load_error: str | None = None
         if base_model is not None:
             try:
-                self._load_base(ResolvedModel.model_validate(base_model), dtype,
-                                ResolvedModel.model_validate(vae) if vae else None)
+                self.renderer.load_base_model(base_model, dtype, vae)
             except Exception as e:
                 self.load_error = f"{type(e).__name__}: {e}"
         t2 = time.perf_counter()
@@ -134,13 +141,10 @@ class RenderActor:
         # so it is reported as start-up and not counted in any job's seconds.
         if warmup_job is not None and self.performance.get("compile") and self.load_error is None:
             try:
-                self.startup["warmup_s"] = self.renderer.warmup(RenderJob.model_validate(warmup_job))
+                self.startup["warmup_s"] = self.renderer.warmup(warmup_job)
             except Exception as e:  # the job itself will fail with the message later
                 self.startup["warmup_error"] = f"{type(e).__name__}: {e}"
         self._last_stack: tuple | None = None
-
-    def _load_base(self, model: ResolvedModel, dtype: str, vae: ResolvedModel | None = None) -> None:
-        self.renderer.load_base_model(model, dtype, vae)
 
     def info(self) -> dict:
         """Where this actor runs and what its start cost (for run.json)."""
@@ -161,7 +165,7 @@ class RenderActor:
     def stats(self) -> dict:
         return dict(getattr(self.renderer, "stats", {}) or {})
 
-    def environment(self, device: str, dtype: str) -> dict:
+    def environment(self, *, device: str, dtype: str) -> dict:
         """The environment stored in each PNG: only what changes pixels, so bytes reproduce."""
         import diffusers
         import torch
@@ -174,38 +178,22 @@ class RenderActor:
             "dtype": dtype,
         }
 
-    def render(self, job_json: dict) -> dict:
-        """Render one job. Errors come back as `{"error": message}`; the actor lives on."""
-        key = str(job_json.get("key", ""))
-        _maybe_crash(key)
-        if os.environ.get(DELAY_ENV):
-            time.sleep(float(os.environ[DELAY_ENV]))
+    def render(self, *, job: RenderJob) -> RenderResult:
+        """Render one job. Errors come back in `RenderResult.error`; the actor lives on."""
+        test_hooks.before_job(job.key)
         t0 = time.perf_counter()
-        result: dict = {
-            "key": key,
-            "actor": self.index,
-            "pid": os.getpid(),
-            "png": None,
-            "control_maps": [],
-            "timings": {},
-            "peak_memory_bytes": None,
-            "device": None,
-            "dtype": None,
-            "fallback": None,
-            "lora_switched": False,
-            "error": None,
-        }
+        fields: dict = {}
         try:
-            job = RenderJob.model_validate(job_json)
             stack = _lora_stack(job)
             switched = self._last_stack is not None and stack != self._last_stack
             out = self.renderer.render(job)
             self._last_stack = stack
-            result.update(
+            fields = dict(
                 lora_switched=bool(getattr(out, "lora_switched", switched)),
-                png=encode_png(out.image, job, self.environment(out.device, out.dtype), self.performance),
-                control_maps=[(name, _png_bytes(img)) for name, img in out.control_maps],
-                timings=dict(out.timings),
+                png=encode_png(out.image, job, self.environment(device=out.device, dtype=out.dtype),
+                               self.performance),
+                control_maps=tuple((name, _png_bytes(img)) for name, img in out.control_maps),
+                timings={k: float(v) for k, v in out.timings.items()},
                 peak_memory_bytes=out.peak_memory_bytes,
                 device=out.device,
                 dtype=out.dtype,
@@ -215,6 +203,6 @@ class RenderActor:
             from core.errors import JobError
 
             self._last_stack = None
-            result["error"] = e.message if isinstance(e, JobError) else f"{type(e).__name__}: {e}"
-        result["seconds"] = time.perf_counter() - t0
-        return result
+            fields = {"error": e.message if isinstance(e, JobError) else f"{type(e).__name__}: {e}"}
+        return RenderResult(key=job.key, actor=self.index, pid=os.getpid(), seconds=time.perf_counter() - t0,
+                            **fields)

@@ -3,7 +3,7 @@
 One fixed job set is rendered twice on the SAME pipeline object, interleaved image by image
 (so drift, clocks and caches hit both sides alike):
 
-* castbook: `RenderActor.render(job_json)` in-process — what the runner's actor runs
+* castbook: `RenderActor.render(job=...)` in-process — what the runner's actor runs
   (JobRenderer → PNG with metadata), without Ray;
 * bare: `pipe(prompt=..., generator=...)` on the actor's own pipeline.
 
@@ -12,45 +12,45 @@ first compile, LoRA switch costs with and without hotswap (and the recompiles ea
 and the model FLOPs per image (counted on the meta device, `renderer.flops`) → achieved
 TFLOP/s and % of the GPU's bf16 peak. Everything lands in a results JSON and in a run-like
 directory (`run.json` with `"kind": "bench"`, `plan.jsonl`, `manifest.jsonl`, images) that
-`reports/benchmark.py` reads for its trends.
+`reports/benchmark.py` reads for its trends; both go under `--out` only.
 
-LoRA files and the control image are generated (seeded) into a temporary folder, so the
-bench needs no assets and works for any base model, including `builtin:sdxl-random`.
+LoRA files and the control image are generated (seeded) into a temporary folder
+(`renderer.bench_assets`); the terminal summary is `renderer.bench_summary`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import platform
+import shutil
 import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from core.digests import canonical_json, file_digest
 from core.errors import JobError
+from renderer.bench_assets import make_control_image, make_lora_files, resolve_model
+from schemas.base import Strict
 from schemas.job import RenderJob, ResolvedControl, ResolvedLora, ResolvedModel
+from schemas.records import ManifestRecord, RenderResult
 
 BENCH_VERSION = 1
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 MEMORY_BUDGET_BYTES = 10 * 10**9  # SDXL bf16 + 2 LoRAs at 1024² should fit (issue target)
 
 
-class BenchOptions(BaseModel):
+class BenchOptions(Strict):
     """What `castbook bench` renders. Defaults: the GPU figure of merit (SDXL 1024², 30 steps)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = "builtin:sdxl-random"
     size: int = Field(1024, ge=16)
     steps: int = Field(30, ge=1)
     images: int = Field(8, ge=1)
     compile: bool = False
-    compile_mode: str | None = None  # None: renderer.models.DEFAULT_COMPILE_MODE
+    compile_mode: str | None = None  # None: renderer.performance.DEFAULT_COMPILE_MODE
     compile_backend: str = "inductor"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     loras: int = Field(0, ge=0, le=8)
@@ -89,128 +89,29 @@ def peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def _key(job: RenderJob) -> str:
-    blob = json.dumps(job.pixel_fields(), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
 def _with_key(job: RenderJob) -> RenderJob:
-    return job.model_copy(update={"key": _key(job)})
-
-
-def resolve_model(ref: str) -> ResolvedModel:
-    """`builtin:NAME`, a diffusers folder or a `.safetensors` checkpoint (absolute or relative path)."""
-    from schemas.builtins import builtin_digest
-
-    if ref.startswith("builtin:"):
-        from renderer.models import builtin_name
-
-        return ResolvedModel(ref=ref, kind="builtin", digest=builtin_digest(builtin_name(ref)))
-    path = Path(ref).expanduser().resolve()
-    if not path.exists():
-        raise JobError(f"bench model {ref!r} does not exist; give builtin:tiny-sdxl, builtin:sdxl-random, "
-                       f"a local diffusers folder or a .safetensors checkpoint")
-    kind = "diffusers" if path.is_dir() else "single_file"
-    return ResolvedModel(ref=str(path), kind=kind, digest=f"bench-path:{path}")
-
-
-# --------------------------------------------------------------------------- generated assets
-
-
-def make_lora_files(unet, out_dir: Path, ranks: list[int], seed: int = 0) -> list[Path]:
-    """Seeded random LoRA files (diffusers format, attention projections) that fit `unet`.
-
-    The layout comes from peft on a meta-device copy of the UNet (nothing is allocated and
-    the live pipeline is untouched); the values are seeded normals, B small enough that the
-    image changes visibly but stays in range.
-    """
-    import torch
-    from diffusers import StableDiffusionXLPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, rank in enumerate(ranks):
-        with torch.device("meta"):
-            meta = type(unet).from_config(unet.config)
-        meta.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=False))
-        layout = get_peft_model_state_dict(meta)
-        gen = torch.Generator("cpu").manual_seed(seed * 1000 + i)
-        state = {}
-        for name in sorted(layout):
-            shape = layout[name].shape
-            scale = (1.0 / shape[1] ** 0.5) if ".lora_A." in name else 0.3
-            state[name] = (torch.randn(shape, generator=gen) * scale).contiguous()
-        weight_name = f"bench_lora_{i}_r{rank}.safetensors"
-        StableDiffusionXLPipeline.save_lora_weights(out_dir, unet_lora_layers=state, weight_name=weight_name,
-                                                    safe_serialization=True)
-        paths.append(out_dir / weight_name)
-    return paths
-
-
-def make_control_image(path: Path, size: int) -> None:
-    """A white-on-black line drawing (like a canny map): circles and boxes, deterministic."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (size, size), "black")
-    d = ImageDraw.Draw(img)
-    w = max(1, size // 128)
-    d.ellipse([size * 0.3, size * 0.1, size * 0.7, size * 0.45], outline="white", width=w)
-    d.rectangle([size * 0.25, size * 0.45, size * 0.75, size * 0.95], outline="white", width=w)
-    d.line([0, size * 0.97, size, size * 0.97], fill="white", width=w)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-
-
-def _file_digest(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    # schemas.expand.job_key's formula, without importing schemas.expand (its prompt templates need
+    # jinja2, which the GPU box lacks).
+    return job.model_copy(update={"key": hashlib.sha256(canonical_json(job.pixel_fields()).encode()).hexdigest()})
 
 
 # --------------------------------------------------------------------------- the render paths
 
 
-class _LocalActor:
-    """JobRenderer with the actor's `render(job_json) -> dict` shape (when renderer.actor is unusable)."""
-
-    def __init__(self, root, performance, base_model, device, dtype):
-        from renderer.pipeline import JobRenderer
-
-        t = time.perf_counter()
-        self.renderer = JobRenderer(Path(root), performance, device=device)
-        self.renderer.load_base_model(ResolvedModel.model_validate(base_model), dtype)
-        self.startup = {"model_load_s": time.perf_counter() - t}
-        self.load_error = None
-
-    def render(self, job_json: dict) -> dict:
-        import io
-
-        t = time.perf_counter()
-        out = self.renderer.render(RenderJob.model_validate(job_json))
-        buf = io.BytesIO()
-        out.image.save(buf, format="PNG")
-        return {"png": buf.getvalue(), "timings": out.timings, "peak_memory_bytes": out.peak_memory_bytes,
-                "device": out.device, "dtype": out.dtype, "fallback": out.fallback,
-                "lora_switched": out.lora_switched, "error": None, "control_maps": [],
-                "seconds": time.perf_counter() - t}
-
-
 def make_actor(root: Path, performance: dict, model: ResolvedModel, device: str | None, dtype: str):
-    """The runner's RenderActor, in-process (no Ray); JobRenderer-based stand-in if it cannot import."""
-    try:
-        from renderer.actor import RenderActor
-    except ImportError:
-        return _LocalActor(root, performance, model.model_dump(mode="json"), device, dtype), "JobRenderer"
-    actor = RenderActor(root, performance, base_model=model.model_dump(mode="json"), device=device, dtype=dtype)
+    """The runner's RenderActor, in-process (no Ray), with `model` loaded."""
+    from renderer.actor import RenderActor
+
+    actor = RenderActor(root=root, performance=performance, base_model=model, device=device, dtype=dtype)
     if actor.load_error:
         raise JobError(f"could not load {model.ref}: {actor.load_error}")
-    return actor, "RenderActor"
+    return actor
 
 
-def _castbook_render(actor, job: RenderJob) -> dict:
-    res = actor.render(job.model_dump(mode="json"))
-    if res.get("error"):
-        raise JobError(f"bench job {job.name} failed in castbook's path: {res['error']}")
+def _castbook_render(actor, job: RenderJob) -> RenderResult:
+    res = actor.render(job=job)
+    if res.error:
+        raise JobError(f"bench job {job.name} failed in castbook's path: {res.error}")
     return res
 
 
@@ -292,11 +193,11 @@ def measure_lora_switch(actor, base: RenderJob, loras: list[ResolvedLora], extra
     hs = getattr(actor.renderer.loras, "hotswap", False)
     return {
         "mode": "hotswap" if hs else "load",
-        "set_adapters_s": r1["timings"]["lora_switch_s"],
-        "set_adapters_render_s": r1["seconds"],
+        "set_adapters_s": r1.timings["lora_switch_s"],
+        "set_adapters_render_s": r1.seconds,
         "set_adapters_new_graphs": g1,
-        "new_file_s": r2["timings"]["lora_load_s"] + r2["timings"]["lora_switch_s"],
-        "new_file_render_s": r2["seconds"],
+        "new_file_s": r2.timings["lora_load_s"] + r2.timings["lora_switch_s"],
+        "new_file_render_s": r2.seconds,
         "new_file_new_graphs": g2,
         "hotswap_stats": dict(getattr(actor.renderer.loras, "hotswap_stats", {}) or {}) if hs else None,
     }
@@ -306,15 +207,32 @@ def measure_lora_switch(actor, base: RenderJob, loras: list[ResolvedLora], extra
 
 
 def run_bench(opts: BenchOptions, out: Path, progress=print) -> dict:
-    """Run the benchmark; write the results JSON and the run-like directory under `out`. Returns the results."""
+    """Run the benchmark; write the results JSON and the run-like directory under `out` (and
+    nowhere else). Returns the results."""
+    work = Path(tempfile.mkdtemp(prefix="castbook-bench-"))  # generated LoRAs + control image (root)
+    try:
+        return _run_bench(opts, Path(out), work, progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_bench(opts: BenchOptions, out: Path, work: Path, progress) -> dict:
     import numpy as np
     import torch
 
     from core.files import atomic_write_bytes, atomic_write_json
-    from core.jsonl import append_jsonl
     from renderer.flops import bf16_peak_tflops, image_flops
     from renderer.models import resolve_device, resolve_dtype
-    from renderer.outputs import base_environment, image_relpath, new_run_dir, utc_now, write_plan_jsonl
+    from renderer.outputs import (
+        base_environment,
+        finish_run_info,
+        image_relpath,
+        new_run_dir,
+        new_run_info,
+        utc_now,
+        write_plan_jsonl,
+    )
+    from renderer.writer import append_record
 
     # 1. check inputs before any expensive work
     device = resolve_device(opts.device)
@@ -328,16 +246,17 @@ def run_bench(opts: BenchOptions, out: Path, progress=print) -> dict:
     performance = {"dtype": dtype, "compile": opts.compile, "compile_mode": opts.compile_mode,
                    "compile_backend": opts.compile_backend, "lora_hotswap": hotswap,
                    "channels_last": opts.channels_last, "fuse_qkv": opts.fuse_qkv}
-    out = Path(out)
     stem = f"bench-{model.ref.split(':')[-1].split('/')[-1]}-{'compiled' if opts.compile else 'eager'}"
     run_dir = new_run_dir(out, stem)
-    started = utc_now()
-    work = Path(tempfile.mkdtemp(prefix="castbook-bench-"))  # generated LoRAs + control image (root)
+    # `spec_files` holds the bench label, so benchmark trends compare only like with like.
+    run = new_run_info(run_dir, kind="bench", root=Path.cwd(), spec_files=[bench_label(opts, dtype)],
+                       total=opts.images, executor="local", actors=1, characters={}, scoring=None)
+    atomic_write_json(run_dir / "run.json", run)
 
     # 2. load through the actor (model load timed by the actor itself)
     progress(f"loading {opts.model} on {device} ({dtype})")
     t = time.perf_counter()
-    actor, path_name = make_actor(work, performance, model, opts.device, dtype)
+    actor = make_actor(work, performance, model, opts.device, dtype)
     model_load_s = float(actor.startup.get("model_load_s", time.perf_counter() - t))
     renderer = actor.renderer
     pipe = renderer.pipe
@@ -346,7 +265,7 @@ def run_bench(opts: BenchOptions, out: Path, progress=print) -> dict:
     n_files = max(opts.loras, 2) + 1
     ranks = [opts.lora_rank if i % 2 == 0 else max(1, opts.lora_rank // 2) for i in range(n_files)]
     lora_paths = make_lora_files(pipe.unet, work / "loras", ranks)
-    loras = [ResolvedLora(name=f"bench-lora-{i}", path=str(p.relative_to(work)), digest=_file_digest(p),
+    loras = [ResolvedLora(name=f"bench-lora-{i}", path=str(p.relative_to(work)), digest=file_digest(p),
                           weight=round(0.8 - 0.1 * i, 3), kind="other") for i, p in enumerate(lora_paths)]
     if hotswap:
         renderer.loras.target_rank = max(ranks)  # the registry's max rank, as the runner would pass
@@ -373,7 +292,7 @@ def run_bench(opts: BenchOptions, out: Path, progress=print) -> dict:
                 controlnet = ControlNetModel.from_unet(pipe.unet)
             controlnet = controlnet.to(dtype=torch_dtype(dtype))
         renderer.register_controlnet(cn_model, controlnet, dtype)
-        controls = (ResolvedControl(type="canny", image="control.png", image_digest=_file_digest(work / "control.png"),
+        controls = (ResolvedControl(type="canny", image="control.png", image_digest=file_digest(work / "control.png"),
                                     scale=0.8, preprocess=False, model=cn_model, detector="none"),)
 
     def make_job(i: int, seed: int, name: str) -> RenderJob:
@@ -407,18 +326,15 @@ def run_bench(opts: BenchOptions, out: Path, progress=print) -> dict:
         for side in order:
             if side == "castbook":
                 res = _castbook_render(actor, job)
-                png = res["png"]
+                png = res.png
                 rel = image_relpath(job)
                 atomic_write_bytes(run_dir / rel, png)
-                cb_s.append(float(res["seconds"]))
-                cb_mem.append(int(res["peak_memory_bytes"] or 0))
-                append_jsonl(run_dir / "manifest.jsonl", {
-                    "key": job.key, "name": job.name, "status": "rendered", "image": rel,
-                    "seconds": res["seconds"], "steps": job.num_inference_steps,
-                    "peak_memory_bytes": res["peak_memory_bytes"], "timings": res["timings"],
-                    "lora_switched": bool(res.get("lora_switched")), "fallback": res.get("fallback"),
-                    "error": None, "control_maps": [], "actor": 0, "finished_at": utc_now(),
-                    "bare_seconds": None})
+                cb_s.append(res.seconds)
+                cb_mem.append(int(res.peak_memory_bytes or 0))
+                append_record(run_dir / "manifest.jsonl", ManifestRecord(
+                    key=job.key, name=job.name, status="rendered", image=rel, seconds=res.seconds,
+                    steps=job.num_inference_steps, peak_memory_bytes=res.peak_memory_bytes, timings=res.timings,
+                    lora_switched=res.lora_switched, fallback=res.fallback, actor=0, finished_at=utc_now()))
             else:
                 images, secs, peak = _bare_call(bare_pipe, [job], control_image, device)
                 bare_images.append(images[0])
@@ -458,7 +374,7 @@ def run_bench(opts: BenchOptions, out: Path, progress=print) -> dict:
         switch[first["mode"]] = first
     if switch_both and not opts.fuse_qkv:
         other_perf = dict(performance, lora_hotswap=not hotswap)
-        other, _ = make_actor(work, other_perf, model, opts.device, dtype)
+        other = make_actor(work, other_perf, model, opts.device, dtype)
         if not hotswap:
             other.renderer.loras.target_rank = max(ranks)
         if controlnet is not None:
@@ -475,9 +391,9 @@ def run_bench(opts: BenchOptions, out: Path, progress=print) -> dict:
     peak_all = max(cb_mem + bare_mem) if (cb_mem or bare_mem) else None
     results = {
         "kind": "bench", "bench_version": BENCH_VERSION, "run_id": run_dir.name, "run_dir": str(run_dir),
-        "started": started, "finished": utc_now(),
+        "started": run["started"], "finished": utc_now(),
         "options": opts.model_dump(), "performance": performance, "applied": list(renderer.applied),
-        "castbook_path": path_name, "environment": env,
+        "castbook_path": "RenderActor", "environment": env,
         "model_load_s": model_load_s,
         "warmup_s": warmup_s, "bare_warmup_s": bare_warmup_s,
         "first_compile_s": warmup_s if opts.compile else None,
@@ -497,22 +413,14 @@ def run_bench(opts: BenchOptions, out: Path, progress=print) -> dict:
         "batching": batching,
     }
     # 10. the run-like directory (reports/benchmark.py trends) and the results JSON
-    atomic_write_json(run_dir / "run.json", {
-        "run_id": run_dir.name, "kind": "bench", "castbook_version": env.get("castbook"),
-        "root": str(Path.cwd()), "spec_files": [bench_label(opts, dtype)], "spec_digest": None, "git_commit": None,
-        "started": started, "finished": results["finished"], "status": "finished",
-        "counts": {"total": len(jobs), "rendered": len(jobs), "cached": 0, "failed": 0},
-        "environment": env, "executor": "local", "actors": 1,
-        "startup": {"model_load_s": model_load_s, "warmup_s": warmup_s},
-        "characters": {}, "scoring": None, "bench": results})
+    run["environment"] = env
+    run["startup"].update(model_load_s=model_load_s, warmup_s=warmup_s)
+    run["bench"] = results
+    finish_run_info(run, status="finished", counts={"rendered": len(jobs), "cached": 0, "failed": 0})
+    run["finished"] = results["finished"]
+    atomic_write_json(run_dir / "run.json", run)
     atomic_write_json(run_dir / "bench.json", results)
     atomic_write_json(out / f"{run_dir.name}.json", results)
-    if os.environ.get("OUT") and Path(os.environ["OUT"]).resolve() != out.resolve():
-        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(Path(os.environ["OUT"]) / f"{run_dir.name}.json", results)
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
     return results
 
 
@@ -528,53 +436,3 @@ def _side(seconds: list[float], mems: list[int]) -> dict:
     return {"s_per_image_p50": percentile(seconds, 50), "s_per_image_p95": percentile(seconds, 95),
             "s_per_image_mean": float(np.mean(seconds)) if seconds else None, "seconds": seconds,
             "peak_memory_bytes": max(mems) if mems else None}
-
-
-# --------------------------------------------------------------------------- printing
-
-
-def summary_lines(r: dict) -> list[str]:
-    """The figures, one per line, for the terminal and the GPU suite's log."""
-
-    def f(v, unit="s", digits=3):
-        return "n/a" if v is None else f"{v:.{digits}f} {unit}".rstrip()
-
-    def gib(v):
-        return "n/a" if v is None else f"{v / 2**30:.2f} GiB"
-
-    o, env = r["options"], r["environment"]
-    lines = [
-        f"castbook bench: {o['model']} {o['size']}x{o['size']} {o['steps']} steps, {o['images']} images, "
-        f"{env['device']} {env['dtype']}{' ' + env['gpu'] if env.get('gpu') else ''}, "
-        f"{'compiled' if o['compile'] else 'eager'}, loras={o['loras']}, controlnet={o['controlnet']}",
-        f"  path                      castbook={r['castbook_path']} (in-process), torch {env.get('torch')}, diffusers {env.get('diffusers')}",
-        f"  applied                   {', '.join(r['applied']) or '-'}",
-        f"  model load                {f(r['model_load_s'])}",
-        f"  warm-up (castbook, first) {f(r['warmup_s'])}   first compile: {f(r['first_compile_s'])}   graphs: {r['compiled_graphs']}",
-        f"  castbook s/image p50/p95  {f(r['castbook']['s_per_image_p50'])} / {f(r['castbook']['s_per_image_p95'])}",
-        f"  bare     s/image p50/p95  {f(r['bare']['s_per_image_p50'])} / {f(r['bare']['s_per_image_p95'])}",
-        f"  overhead ratio (p50)      {f(r['overhead_ratio'], 'x', 4)}   (mean {f(r['overhead_ratio_mean'], 'x', 4)})",
-        f"  identical images          {r['identical_images']}/{o['images']} (max pixel diff {r['max_pixel_diff']})",
-        f"  peak memory               {gib(r['peak_memory_bytes'])} ({r['peak_memory_kind']})"
-        + ("" if r["within_10gb"] is None else f"  ≤ 10 GB: {r['within_10gb']}"),
-        f"  FLOPs/image               {r['flops']['per_image'] / 1e12:.4f} TFLOP (UNet fwd {r['flops']['unet_forward'] / 1e12:.4f}"
-        f" x {r['flops']['steps']} steps, ControlNet fwd {r['flops']['controlnet_forward'] / 1e12:.4f}, "
-        f"VAE decode {r['flops']['vae_decode'] / 1e12:.4f})",
-        f"  achieved                  {f(r['achieved_tflops'], 'TFLOP/s', 4)} (bare {f(r['achieved_tflops_bare'], 'TFLOP/s', 4)})"
-        f"   bf16 peak {f(r['device_bf16_peak_tflops'], 'TFLOP/s', 0)}   {f(r['percent_of_peak'], '% of peak', 1)}",
-    ]
-    for mode in ("load", "hotswap"):
-        s = r["lora_switch"].get(mode)
-        if s is None:
-            lines.append(f"  LoRA switch ({mode:<7})     not measured")
-        else:
-            lines.append(f"  LoRA switch ({mode:<7})     set_adapters {f(s['set_adapters_s'], 's', 4)} "
-                         f"(+{s['set_adapters_new_graphs']} graphs), new file {f(s['new_file_s'], 's', 4)} "
-                         f"(+{s['new_file_new_graphs']} graphs, render {f(s['new_file_render_s'])})")
-    b = r.get("batching")
-    if b:
-        lines.append(f"  batching (bare, {b['batch']})        {f(b['batched_s_per_image'])}/image batched vs "
-                     f"{f(b['sequential_s_per_image'])} one by one: x{b['speedup']:.2f}; identical "
-                     f"{b['identical_images']}/{b['batch']} (max diff {b['max_pixel_diff_vs_single']})")
-    lines.append(f"  results                   {r['run_dir']}/bench.json")
-    return lines

@@ -20,9 +20,6 @@ from core.errors import JobError
 
 CONTROL_TYPES = ("pose", "depth", "canny", "seg", "normal")
 
-# The detector each control type uses when the spec does not name one.
-DEFAULT_DETECTORS = {"pose": "openpose", "depth": "midas", "canny": "canny", "seg": "sam", "normal": "normalbae"}
-
 # detector -> (controlnet_aux class, annotator files needed in annotator_dir, types it serves)
 DETECTORS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "canny": ("CannyDetector", (), ("canny",)),
@@ -33,10 +30,6 @@ DETECTORS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
     "sam": ("SamDetector", ("sam_vit_h_4b8939.pth",), ("seg",)),
 }
 ANNOTATOR_SOURCE = "https://huggingface.co/lllyasviel/Annotators (files at the top level of that repository)"
-
-
-def required_annotator_files(detector: str) -> tuple[str, ...]:
-    return DETECTORS[detector][1] if detector in DETECTORS else ()
 
 
 def control_map_name(image_digest: str, detector: str, params: dict, width: int, height: int) -> str:

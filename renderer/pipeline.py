@@ -11,19 +11,16 @@ generator=torch.Generator("cpu").manual_seed(seed))` call. castbook adds nothing
 
 from __future__ import annotations
 
-import os
 import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import JobError
+from renderer import test_hooks
 from renderer.control import ControlPreparer
 from renderer.loras import DEFAULT_MAX_LOADED, LoraManager
 from renderer.models import (
-    apply_performance,
-    compile_module,
-    compile_pipeline,
     load_base_pipeline,
     load_controlnet,
     load_vae,
@@ -31,8 +28,7 @@ from renderer.models import (
     resolve_device,
     resolve_dtype,
 )
-
-INJECT_OOM_ENV = "CASTBOOK_INJECT_OOM"  # test hook: number of CUDA OOMs to simulate
+from renderer.performance import apply_performance, compile_module, compile_pipeline
 
 
 @dataclass
@@ -66,8 +62,8 @@ class JobRenderer:
                                  hotswap=bool(self.performance.get("lora_hotswap")),
                                  target_rank=self.performance.get("max_lora_rank"))
         self.controls = ControlPreparer(self.root)
-        # Test hook: how many renders raise a simulated CUDA OOM (so the fallback runs on CPU).
-        self._inject_oom = int(os.environ.get(INJECT_OOM_ENV, "0")) if inject_oom is None else inject_oom
+        # Test hook (renderer/test_hooks.py): renders that raise a simulated CUDA OOM, so the fallback runs on CPU.
+        self._inject_oom = test_hooks.injected_ooms() if inject_oom is None else inject_oom
         self.pipe = None
         self._pipe_key: tuple | None = None
         self._model_ref = ""

@@ -39,6 +39,10 @@ def embedding_cache_dir(run_dir: Path) -> Path:
     return Path(run_dir).resolve().parent / ".cache" / "embeddings"
 
 
+def _mean(values: list[float]) -> float | None:
+    return round(float(np.mean(values)), 6) if values else None
+
+
 def analyze(run_dir: Path, history: bool = True, cache_dir: Path | None = None) -> Analysis:
     """Score a run and gather every number. With `history=False` skip trends and diff
     (what `castbook check` needs)."""
@@ -55,8 +59,13 @@ def analyze(run_dir: Path, history: bool = True, cache_dir: Path | None = None) 
     # 4. benchmark, trends and diff against earlier runs of the same spec
     bench = benchmark.summarize(run)
     previous = None
-    sel_scores = [r["clip_i_mean"] for r in records if r["selected"] and r["clip_i_mean"] is not None]
-    clip_i_mean = round(float(np.mean(sel_scores)), 6) if sel_scores else None
+    # What the gates count: selected, scored images of gated jobs (baselines with `gate: false`
+    # and best-of losers are left out), so the summary agrees with every character's own mean.
+    ungated = {(name, job) for name, c in characters.items() for job in c.get("ungated_jobs", [])}
+    selected = [r for r in records if r["selected"]]
+    gated = [r for r in selected if r["character"] and (r["character"], r["job"]) not in ungated]
+    clip_i_mean = _mean([r["clip_i_mean"] for r in gated if r["clip_i_mean"] is not None])
+    clip_i_mean_all = _mean([r["clip_i_mean"] for r in selected if r["clip_i_mean"] is not None])
     if history:
         prev_dirs = previous_runs(run)
         bench["history"] = benchmark.history(run, prev_dirs, clip_i_mean)
@@ -67,11 +76,9 @@ def analyze(run_dir: Path, history: bool = True, cache_dir: Path | None = None) 
     else:
         bench["history"], bench["regressions"], diff = [], [], None
     # 5. assemble
-    selected = [r for r in records if r["selected"]]
     clip_t = [r["clip_t"] for r in selected if r["clip_t"] is not None]
     # The run's pass rate counts what the gates count: not baselines marked `gate: false`.
-    ungated = {(name, job) for name, c in characters.items() for job in c.get("ungated_jobs", [])}
-    judged = [r for r in selected if r["pass"] is not None and (r["character"], r["job"]) not in ungated]
+    judged = [r for r in gated if r["pass"] is not None]
     results = {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "generated_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -87,7 +94,8 @@ def analyze(run_dir: Path, history: bool = True, cache_dir: Path | None = None) 
             "missing": sum(r["status"] == "missing" for r in records),
             "scored": sum(r["clip_t"] is not None for r in records),
             "selected": len(selected),
-            "clip_i_mean": clip_i_mean,
+            "clip_i_mean": clip_i_mean,  # gated, selected images: what the gates count
+            "clip_i_mean_all": clip_i_mean_all,  # every selected, scored image, baselines included
             "clip_t_mean": round(float(np.mean(clip_t)), 6) if clip_t else None,
             "pass_rate": round(sum(bool(r["pass"]) for r in judged) / len(judged), 6) if judged else None,
         },

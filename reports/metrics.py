@@ -18,14 +18,20 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from core.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from core.digests import file_digest
+from core.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    new_temp_folder,
+    publish_folder,
+)
 from core.home import builtins_dir
 from schemas.builtins import BUILTIN_RECIPES
 
@@ -67,33 +73,30 @@ def ensure_tiny_clip() -> tuple[Path, Path]:
     import torch  # noqa: PLC0415
     from safetensors.torch import save_file  # noqa: PLC0415
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tiny-clip-build-"))
+    tmp = new_temp_folder(folder)
     try:
         (tmp / config.name).write_text(json.dumps(TINY_CLIP_CONFIG, indent=2, sort_keys=True))
         open_clip.add_model_config(tmp / config.name)
-        root_logger = logging.getLogger()
-        level = root_logger.level
-        root_logger.setLevel(logging.ERROR)  # random init is the point: hush "no pretrained weights"
+        # open_clip warns "no pretrained weights" on the root logger; random init is the point.
+        # The level is put back: a library function leaves the caller's logging alone.
+        open_clip_logger = logging.getLogger()
+        level = open_clip_logger.level
+        open_clip_logger.setLevel(logging.ERROR)
         try:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(TINY_CLIP_SEED)
                 model = open_clip.create_model(TINY_CLIP_NAME, pretrained=None)
         finally:
-            root_logger.setLevel(level)
+            open_clip_logger.setLevel(level)
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / weights.name))
-        try:
-            os.replace(tmp, folder)  # atomic: a concurrent builder either wins or finds it done
-        except OSError:
-            if not weights.is_file():
-                raise
-    finally:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_folder(tmp, folder)  # atomic: a concurrent builder either wins or finds it done
     return config, weights
 
 
-from core.digests import file_digest  # noqa: E402  (one sha256-of-a-file, shared with job keys)
 
 
 def text_digest(text: str) -> str:

@@ -218,6 +218,16 @@ def diff_data(a: Analysis) -> dict:
 
 
 # --- rendering ---------------------------------------------------------------------------
+def render_standalone(template: str, data: dict, title_id: str) -> str:
+    """A page that belongs to no single run (the runs index): same CSS, no run navigation."""
+    import datetime as _dt  # noqa: PLC0415
+
+    return _env().get_template(template).render(
+        nav=[], page=template.split(".")[0], run_id=title_id, js="",
+        css=(_STATIC / "report.css").read_text(encoding="utf-8"),
+        generated_at=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), **data)
+
+
 def _env() -> Environment:
     env = Environment(loader=PackageLoader("reports", "templates"),
                       autoescape=select_autoescape(["html", "j2", "html.j2", "svg"], default=True),

@@ -1,7 +1,8 @@
 """Read a run directory (docs/INTERFACES.md) into plain data.
 
 Nothing here imports torch: the benchmark and diff pages of older runs are built
-from their ledgers alone.
+from their ledgers alone. Ledger lines are read as `schemas.records.ManifestRecord`,
+the model the runner writes; JSONL follows core.jsonl's one torn-line rule.
 """
 
 from __future__ import annotations
@@ -10,7 +11,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from core.errors import CastbookError
+from core.jsonl import read_jsonl
+from schemas.records import ManifestRecord
 
 
 class RunDirError(CastbookError):
@@ -22,7 +27,12 @@ class Entry:
     """One planned job joined with its ledger line (None when it never finished)."""
 
     job: dict  # RenderJob JSON from plan.jsonl
-    ledger: dict | None
+    record: ManifestRecord | None
+
+    @property
+    def ledger(self) -> dict | None:
+        """The ledger line as JSON data (what the report builders index)."""
+        return self.record.to_json() if self.record else None
 
     @property
     def key(self) -> str:
@@ -34,11 +44,11 @@ class Entry:
 
     @property
     def status(self) -> str:
-        return self.ledger["status"] if self.ledger else "missing"
+        return self.record.status if self.record else "missing"
 
     @property
     def image(self) -> str | None:
-        return self.ledger.get("image") if self.ledger else None
+        return self.record.image if self.record else None
 
 
 @dataclass
@@ -46,7 +56,7 @@ class Run:
     path: Path
     info: dict  # run.json
     entries: list[Entry] = field(default_factory=list)
-    extra_ledger: list[dict] = field(default_factory=list)  # ledger lines with no planned job
+    extra_ledger: list[ManifestRecord] = field(default_factory=list)  # ledger lines with no planned job
 
     @property
     def run_id(self) -> str:
@@ -60,22 +70,17 @@ class Run:
         return None if entry.image is None else self.path / entry.image
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows: list[dict] = []
-    if not path.is_file():
-        return rows
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                # A killed writer can leave a torn last line; anything else is corruption.
-                if f.read().strip():
-                    raise RunDirError(f"{path}:{n}: not valid JSON ({e.msg}); the file is damaged") from e
-    return rows
+def _read_ledger(path: Path) -> list[ManifestRecord]:
+    records = []
+    for n, line in enumerate(read_jsonl(path), 1):
+        try:
+            records.append(ManifestRecord.model_validate(line))
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "line"
+            raise RunDirError(f"{path}: record {n} ({line.get('name', '?')}): {where}: {first['msg']}; "
+                              "the ledger was not written by this castbook version or is damaged") from None
+    return records
 
 
 def load_run(run_dir: Path) -> Run:
@@ -88,11 +93,10 @@ def load_run(run_dir: Path) -> Run:
         info = json.loads(info_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise RunDirError(f"{info_path}:{e.lineno}: not valid JSON ({e.msg})") from e
-    plan = _read_jsonl(run_dir / "plan.jsonl")
-    ledger: dict[str, dict] = {}
-    for line in _read_jsonl(run_dir / "manifest.jsonl"):
-        if "key" in line:
-            ledger[line["key"]] = line
+    plan = read_jsonl(run_dir / "plan.jsonl")
+    ledger: dict[str, ManifestRecord] = {}
+    for record in _read_ledger(run_dir / "manifest.jsonl"):
+        ledger[record.key] = record
     # Two planned jobs may share a key (same pixels); they share its ledger line.
     entries = [Entry(job, ledger.get(job["key"])) for job in plan]
     planned = {job["key"] for job in plan}

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import get_args
+
+from jinja2 import TemplateError, nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from schemas.builtins import CONTROLNET_MODELS
 from schemas.job import SchedulerName
@@ -13,6 +17,19 @@ from schemas.spec import BuiltinModel, JobMatrix, SeedRange, Spec
 from schemas.templates import PromptTemplateError, prompt_variables, render_prompt
 
 SCHEDULERS = get_args(SchedulerName)
+
+# A prompt is one line of text: variables, filters that keep it about that size, if/else. Loops,
+# macros, calls and the `*`, `**`, `%` operators could make validation itself run for hours or
+# build gigabytes (`{{ 'x' * 10**10 }}`); the sandbox alone allows them, so they are refused here.
+PROMPT_FILTERS = frozenset({
+    "lower", "upper", "title", "capitalize", "trim", "striptags", "default", "d", "join", "replace", "first",
+    "last", "length", "count", "string", "escape", "e", "safe", "sort", "unique", "reverse", "list",
+    "wordcount", "round", "int", "float", "abs",
+})
+REFUSED_NODES = {
+    nodes.For: "`for` loops", nodes.Macro: "macros", nodes.CallBlock: "call blocks", nodes.Call: "calls",
+    nodes.Pow: "the `**` operator", nodes.Mul: "the `*` operator", nodes.Mod: "the `%` operator",
+}
 
 
 def seed_list(seeds: list[int] | SeedRange) -> list[int]:
@@ -141,16 +158,44 @@ def check_references(spec: Spec, sink: ErrorSink) -> None:
                 character = spec.characters.get(cname) if cname else None
                 variables = prompt_variables(cname, character.description if character else "",
                                              character.trigger_words if character else [], sname)
+                problem = template_problem(spec.scenes[sname].prompt)
+                if problem:
+                    sink.add(("scenes", sname, "prompt"), problem)
+                    continue
                 try:
                     render_prompt(spec.scenes[sname].prompt, variables)
                 except PromptTemplateError as exc:
                     sink.add(("scenes", sname, "prompt"), str(exc) + (f" (with character `{cname}`)" if cname else ""))
     for sname, scene in spec.scenes.items():
         if not any(sname == s for s, _ in rendered):
+            problem = template_problem(scene.prompt)
+            if problem:
+                sink.add(("scenes", sname, "prompt"), problem)
+                continue
             try:  # unused scenes still get a syntax and sandbox check
                 render_prompt(scene.prompt, prompt_variables("", "", [], sname))
             except PromptTemplateError as exc:
                 sink.add(("scenes", sname, "prompt"), str(exc))
+
+
+@lru_cache(maxsize=4096)
+def template_problem(template: str) -> str | None:
+    """Why a prompt template is refused before it is rendered, or None (syntax errors are left to
+    `render_prompt`, which names them)."""
+    try:
+        tree = ImmutableSandboxedEnvironment().parse(template)
+    except TemplateError:
+        return None
+    except RecursionError:
+        return "prompt template error: expressions nested too deeply; write the prompt out"
+    for node in tree.find_all(tuple(REFUSED_NODES)):
+        return (f"prompt template error: {REFUSED_NODES[type(node)]} are not allowed in prompts "
+                f"(line {node.lineno}); use variables like {{{{ character }}}}, filters and if/else")
+    for node in tree.find_all(nodes.Filter):
+        if node.name not in PROMPT_FILTERS:
+            return (f"prompt template error: filter `{node.name}` is not allowed in prompts; "
+                    f"allowed: {', '.join(sorted(PROMPT_FILTERS))}")
+    return None
 
 
 def _sweep_value_problem(axis: str, value) -> str | None:

@@ -8,32 +8,38 @@ The loader is the edge where files are read. It:
    and `-s key=value` overrides;
 4. rewrites every path field relative to the project root, refusing escapes and
    missing files;
-5. validates with pydantic and turns its errors into located, teaching messages;
+5. validates with pydantic and turns its errors into located, teaching messages
+   (`schemas.located_validation`);
 6. checks cross references (names, templates, job count) in `schemas.checks`.
 All errors found are reported together.
 """
 
 from __future__ import annotations
 
-import difflib
-import glob
-import os
-import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from ruamel.yaml import YAML
-from ruamel.yaml.error import MarkedYAMLError
+from ruamel.yaml.composer import MaxDepthExceededError
+from ruamel.yaml.error import MarkedYAMLError, ReusedAnchorWarning, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from ruamel.yaml.reader import ReaderError
 
 from core.errors import CastbookError
+from schemas.paths import find_project_root, glob_matches, resolve_inside_root  # noqa: F401 - older import path
 
 Loc = tuple[Union[str, int], ...]
 
 MAX_FILE_BYTES = 2_000_000
 MAX_EXPANDED_NODES = 100_000  # after alias expansion; a real spec has a few thousand
+# Nesting depth, counted through aliases. A real spec nests under 10 levels; the limit keeps every
+# recursive walk (ruamel's composer, ours, pydantic's) far from Python's recursion limit.
+MAX_DEPTH = 100
+TOO_DEEP = f"data nested more than {MAX_DEPTH} levels deep (counting aliases); specs need only a few levels"
+MAX_INT_BITS = 128  # seeds and sizes need 64; a longer integer is a typo (and slow to print)
 ALLOWED_TAGS = {
     "tag:yaml.org,2002:" + t for t in ("str", "int", "float", "bool", "null", "map", "seq")
 }
@@ -115,9 +121,11 @@ class ErrorSink:
 def display_path(path: Path, root: Path | None) -> str:
     if root is not None:
         try:
-            return path.relative_to(root).as_posix()
+            shown = path.relative_to(root).as_posix()
         except ValueError:
-            pass
+            shown = "."
+        if shown != ".":  # the root itself is shown whole
+            return shown
     return str(path)
 
 
@@ -127,13 +135,27 @@ def parse_yaml(text: str, shown_as: str, base_loc: Loc = ()) -> tuple[Any, dict[
     Raises SpecErrors for syntax errors, unsafe tags, duplicate keys and alias bombs.
     """
     yaml = YAML(typ="safe", pure=True)
+    yaml.max_depth = MAX_DEPTH  # ruamel's composer recurses per level; stop before Python's limit
     try:
-        root_node = yaml.compose(text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ReusedAnchorWarning)  # a redefined anchor is valid YAML
+            root_node = yaml.compose(text)
+    except MaxDepthExceededError as exc:
+        raise SpecErrors([SpecError(shown_as, *_mark_line_col(exc.problem_mark), "", TOO_DEEP)]) from None
     except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        line, col = _mark_line_col(exc.problem_mark or exc.context_mark)
         problem = (exc.problem or exc.context or "invalid YAML").strip()
         raise SpecErrors([SpecError(shown_as, line, col, "", f"invalid YAML: {problem}")]) from None
+    except ReaderError as exc:  # a control character (NUL, BEL, U+FFFE...) anywhere in the text
+        line, col = _position_line_col(text, exc.position)
+        char = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "\0")
+        raise SpecErrors([SpecError(shown_as, line, col, "",
+                                    f"invalid YAML: control character U+{char:04X} is not allowed in a spec; "
+                                    "remove it (write it as an escape like \"\\x00\" inside a double-quoted string)")]) from None
+    except ValueError as exc:  # `%YAML 99...9`: ruamel converts directive numbers with int()
+        raise SpecErrors([SpecError(shown_as, 1, 1, "", f"invalid YAML directive: {str(exc)[:120]}")]) from None
+    except YAMLError as exc:  # any other ruamel error: still the user's text, never a traceback
+        raise SpecErrors([SpecError(shown_as, 1, 1, "", f"invalid YAML: {str(exc).strip() or type(exc).__name__}")]) from None
     if root_node is None:
         return {}, {base_loc: Source(shown_as, 1, 1)}
 
@@ -147,10 +169,35 @@ def parse_yaml(text: str, shown_as: str, base_loc: Loc = ()) -> tuple[Any, dict[
     def mark_of(node: Node) -> Source:
         return Source(shown_as, node.start_mark.line + 1, node.start_mark.column + 1)
 
+    def scalar(node: Node, loc: Loc) -> Any:
+        try:
+            value = yaml.constructor.construct_object(node, deep=True)
+            too_big = isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS
+        except (ValueError, OverflowError):  # an integer past Python's 4,300-digit conversion limit
+            value, too_big = None, True
+        except MarkedYAMLError as exc:  # e.g. `!!seq text`: a tag that does not fit the value
+            errors.append(SpecError(shown_as, *_line_col(node), format_loc(loc),
+                                    f"invalid YAML: {(exc.problem or 'cannot read this value').strip()}"))
+            return None
+        if isinstance(value, str) and not value.isascii():
+            try:  # `"\ud800"` is valid YAML escaping but not text: it cannot be written, hashed or printed
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                errors.append(SpecError(shown_as, *_line_col(node), format_loc(loc),
+                                        f"text holds a lone UTF-16 surrogate {value[exc.start]!r}; "
+                                        "write the character itself (or a \\U00XXXXXX escape)"))
+                return None
+        if too_big:
+            shown = node.value if len(node.value) <= 24 else node.value[:20] + "..."
+            errors.append(SpecError(shown_as, *_line_col(node), format_loc(loc),
+                                    f"number {shown} ({len(node.value):,} characters) is too large; "
+                                    f"castbook's numbers fit in {MAX_INT_BITS} bits"))
+            return None
+        return value
+
     def build(node: Node, loc: Loc) -> Any:
         if isinstance(node, ScalarNode):
-            value = yaml.constructor.construct_object(node, deep=True)
-            return value
+            return scalar(node, loc)
         if isinstance(node, SequenceNode):
             out = []
             for i, item in enumerate(node.value):
@@ -171,7 +218,11 @@ def parse_yaml(text: str, shown_as: str, base_loc: Loc = ()) -> tuple[Any, dict[
                     for k, v in value.items():
                         merged.setdefault(k, v)
                 continue
-            key = yaml.constructor.construct_object(key_node, deep=True)
+            if not isinstance(key_node, ScalarNode):  # `? [a, b]: ...` is YAML, but no spec key is a list
+                errors.append(SpecError(shown_as, *_line_col(key_node), format_loc(loc),
+                                        "a key must be a name (text), not a list or a mapping"))
+                continue
+            key = scalar(key_node, loc)
             if not isinstance(key, str):
                 key = str(key)
             locations[loc + (key,)] = mark_of(key_node)
@@ -190,13 +241,27 @@ def _line_col(node: Node) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
+def _mark_line_col(mark: Any) -> tuple[int, int]:
+    return (mark.line + 1, mark.column + 1) if mark is not None else (1, 1)
+
+
+def _position_line_col(text: str, position: Any) -> tuple[int, int]:
+    if not isinstance(position, int) or not 0 <= position <= len(text):
+        return 1, 1
+    line = text.count("\n", 0, position) + 1
+    return line, position - (text.rfind("\n", 0, position) + 1) + 1
+
+
 def _check_nodes(root: Node, shown_as: str, errors: list[SpecError]) -> None:
-    """Reject unsafe tags, duplicate keys and alias bombs on the composed graph.
+    """Reject unsafe tags, duplicate keys, alias bombs and too-deep nesting on the composed graph.
 
     The node graph shares aliased nodes, so it is small even for a billion-laughs
-    document; its expanded size is computed with memoization, without expanding.
+    document; its expanded size and depth are computed with memoization, without expanding.
+    The composer already stopped at MAX_DEPTH levels of text, so this walk's recursion is bounded.
     """
     expanded: dict[int, int] = {}
+    depths: dict[int, int] = {}  # id → levels below and including the node, aliases expanded
+    children: dict[int, list[Node]] = {}
     visiting: set[int] = set()
 
     def size(node: Node) -> int:
@@ -216,8 +281,10 @@ def _check_nodes(root: Node, shown_as: str, errors: list[SpecError]) -> None:
                 )
             )
         total = 1
+        kids: list[Node] = []
         if isinstance(node, SequenceNode):
             for item in node.value:
+                kids.append(item)
                 total += size(item)
                 if total > MAX_EXPANDED_NODES:
                     break
@@ -234,11 +301,14 @@ def _check_nodes(root: Node, shown_as: str, errors: list[SpecError]) -> None:
                             )
                         )
                     seen[key_node.value] = key_node
+                kids += (key_node, value_node)
                 total += size(key_node) + size(value_node)
                 if total > MAX_EXPANDED_NODES:
                     break
         visiting.discard(nid)
         expanded[nid] = total
+        depths[nid] = 1 + max((depths.get(id(k), 0) for k in kids), default=0)
+        children[nid] = kids
         return total
 
     if size(root) > MAX_EXPANDED_NODES:
@@ -249,6 +319,12 @@ def _check_nodes(root: Node, shown_as: str, errors: list[SpecError]) -> None:
                 "(an alias bomb?); write the data out or use fewer aliases",
             )
         )
+    elif depths.get(id(root), 0) > MAX_DEPTH:
+        # Aliases nest a deep value inside another; point at the level that crosses the limit.
+        node = root
+        for _ in range(MAX_DEPTH):
+            node = max(children.get(id(node)) or [node], key=lambda n: depths.get(id(n), 0))
+        errors.append(SpecError(shown_as, *_line_col(node), "", TOO_DEEP))
 
 
 def read_yaml_file(path: Path, root: Path | None, base_loc: Loc = ()) -> tuple[Any, dict[Loc, Source]]:
@@ -257,141 +333,19 @@ def read_yaml_file(path: Path, root: Path | None, base_loc: Loc = ()) -> tuple[A
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
             raise SpecErrors([SpecError(shown, 1, 1, "", f"file is {size:,} bytes; specs are limited to {MAX_FILE_BYTES:,}")])
-        text = path.read_text(encoding="utf-8")
+        with path.open(encoding="utf-8") as f:  # bounded: a pipe or /dev/zero has no size to check first
+            text = f.read(MAX_FILE_BYTES + 1)
+        if len(text) > MAX_FILE_BYTES:
+            raise SpecErrors([SpecError(shown, 1, 1, "", f"more than {MAX_FILE_BYTES:,} characters; that is not a spec")])
     except FileNotFoundError:
         raise SpecErrors([SpecError(shown, 1, 1, "", "file not found")]) from None
     except UnicodeDecodeError as exc:
         raise SpecErrors([SpecError(shown, 1, 1, "", f"not UTF-8 text: {exc.reason}")]) from None
     except IsADirectoryError:
         raise SpecErrors([SpecError(shown, 1, 1, "", "is a directory, expected a YAML file")]) from None
+    except OSError as exc:  # unreadable (permissions), a broken link, a name too long...
+        raise SpecErrors([SpecError(shown, 1, 1, "", f"cannot read the file: {exc.strerror or exc}")]) from None
     return parse_yaml(text, shown, base_loc)
-
-
-# --- project root and paths --------------------------------------------------------------
-
-
-def find_project_root(start: Path) -> Path:
-    """The nearest ancestor holding `.git` or `pyproject.toml`, else the spec's folder."""
-    start = start.resolve()
-    folder = start if start.is_dir() else start.parent
-    for candidate in (folder, *folder.parents):
-        if (candidate / ".git").exists() or (candidate / "pyproject.toml").exists():
-            return candidate
-    return folder
-
-
-def resolve_inside_root(value: str, base_dir: Path, root: Path) -> tuple[Path | None, str | None]:
-    """Join `value` to `base_dir`; return (absolute resolved path, None) or (None, error).
-
-    Symlinks are resolved first, so a link inside the root that points outside is refused.
-    """
-    candidate = Path(os.path.normpath(base_dir / value))
-    try:
-        resolved = candidate.resolve()
-    except (OSError, RuntimeError) as exc:
-        return None, f"cannot resolve path {value!r}: {exc}"
-    root = root.resolve()
-    if not resolved.is_relative_to(root):
-        how = "through a symlink " if candidate.is_relative_to(root) else ""
-        return None, f"path {value!r} points {how}outside the project root {root}; keep specs' files inside it"
-    return resolved, None
-
-
-# --- 5: pydantic errors to located messages ---------------------------------------------------
-
-
-def _unwrap(tp: Any) -> list[Any]:
-    """Annotated/Optional/Union → the concrete member types."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Annotated:
-        return _unwrap(typing.get_args(tp)[0])
-    if origin is Union or (origin is not None and str(origin) == "types.UnionType"):
-        out = []
-        for arg in typing.get_args(tp):
-            if arg is not type(None):
-                out.extend(_unwrap(arg))
-        return out
-    import types
-
-    if isinstance(tp, types.UnionType):
-        return [m for a in tp.__args__ if a is not type(None) for m in _unwrap(a)]
-    return [tp]
-
-
-def fields_at(model_cls: type[BaseModel], loc: Loc) -> list[str]:
-    """Field names allowed at `loc` (a path into data validated by `model_cls`)."""
-    current: list[Any] = [model_cls]
-    for part in loc:
-        nxt: list[Any] = []
-        for tp in current:
-            for member in _unwrap(tp):
-                origin = typing.get_origin(member)
-                if isinstance(member, type) and issubclass(member, BaseModel):
-                    if isinstance(part, str) and part in member.model_fields:
-                        nxt.append(member.model_fields[part].annotation)
-                    elif isinstance(part, str):
-                        # a discriminator tag inside a union: stay on the member that owns it
-                        tag = member.model_fields.get("type")
-                        if tag is not None and part in (typing.get_args(tag.annotation) or ()):
-                            nxt.append(member)
-                elif origin is dict:
-                    nxt.append(typing.get_args(member)[1])
-                elif origin is list or origin is tuple:
-                    if isinstance(part, int):
-                        nxt.append(typing.get_args(member)[0])
-        current = nxt
-    names: list[str] = []
-    for tp in current:
-        for member in _unwrap(tp):
-            if isinstance(member, type) and issubclass(member, BaseModel):
-                names.extend(n for n in member.model_fields if n not in names)
-    return names
-
-
-def _data_loc(data: Any, loc: Loc) -> Loc:
-    """Drop the parts of a pydantic loc that are not in the data (union tags, validator names)."""
-    out: list[Union[str, int]] = []
-    current = data
-    for part in loc:
-        if isinstance(current, dict) and part in current:
-            out.append(part)
-            current = current[part]
-        elif isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current):
-            out.append(part)
-            current = current[part]
-    return tuple(out)
-
-
-def validation_errors(exc: ValidationError, data: Any, model_cls: type[BaseModel], sink: ErrorSink) -> None:
-    for err in exc.errors(include_url=False):
-        raw_loc = tuple(err["loc"])
-        loc = _data_loc(data, raw_loc)
-        kind = err["type"]
-        if kind == "extra_forbidden":
-            parent, key = loc[:-1], loc[-1] if loc else ""
-            allowed = fields_at(model_cls, parent)
-            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-            hint = f"did you mean `{close[0]}`?" if close else f"allowed: {', '.join(allowed)}"
-            sink.add(loc, f"unknown key `{key}`; {hint}")
-        elif kind == "missing":
-            missing = raw_loc[-1] if raw_loc else "?"
-            sink.add(loc, f"missing required key `{missing}`")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            value = err.get("input")
-            if isinstance(value, (str, int, float, bool)) and kind != "value_error" and repr(value) not in msg:
-                msg += f" (got {value!r})"
-            if kind != "value_error" and msg:  # pydantic's own sentences; ours are already lower-case where they should be
-                msg = msg[0].lower() + msg[1:]
-            sink.add(loc, msg or kind)
-
-
-def validate_model(model_cls: type[BaseModel], data: Any, sink: ErrorSink) -> BaseModel | None:
-    try:
-        return model_cls.model_validate(data)
-    except ValidationError as exc:
-        validation_errors(exc, data, model_cls, sink)
-        return None
 
 
 def load_yaml_model(path: Path, model_cls: type[BaseModel], root: Path | None = None) -> BaseModel:
@@ -403,10 +357,8 @@ def load_yaml_model(path: Path, model_cls: type[BaseModel], root: Path | None = 
     if not isinstance(data, dict):
         sink.add((), "the document must be a mapping of keys to values")
         sink.raise_if_any()
+    from schemas.located_validation import validate_model  # it imports this module's ErrorSink
+
     model = validate_model(model_cls, data, sink)
     sink.raise_if_any()
     return model
-
-
-def glob_matches(pattern_abs: str) -> list[Path]:
-    return sorted(Path(p) for p in glob.glob(pattern_abs, recursive=True) if Path(p).is_file())

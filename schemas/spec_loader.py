@@ -17,14 +17,12 @@ from schemas.loader import (
     SpecError,
     SpecErrors,
     display_path,
-    find_project_root,
     format_loc,
-    glob_matches,
     parse_yaml,
     read_yaml_file,
-    resolve_inside_root,
-    validate_model,
 )
+from schemas.located_validation import validate_model
+from schemas.paths import find_project_root, glob_matches, is_kind, path_problem, resolve_inside_root, shown_value
 from schemas.spec import MERGEABLE_SECTIONS, PICKLE_SUFFIXES, Spec
 
 OVERRIDE_FILE = "<command line>"
@@ -113,8 +111,8 @@ def _merge_file(data: dict, value: str | Path, at: Loc, root: Path, sources: Sou
         chain = " -> ".join(display_path(p, root) for p in (*stack, target))
         error_here(f"include cycle: {chain}")
         return
-    if not target.is_file():
-        error_here(f"included file {value!r} not found")
+    if not is_kind(target, "file"):
+        error_here(f"included file {shown_value(str(value))} not found")
         return
     sub_sources = SourceMap()
     try:
@@ -166,7 +164,9 @@ def _apply_override(data: dict, override: str, sources: SourceMap, sink: ErrorSi
     if not sep or not key.strip():
         sink.errors.append(SpecError(shown, 1, 1, "", "overrides are written key.path=value, e.g. defaults.preset=draft"))
         return
-    parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+    # ASCII digits only: "²".isdigit() is true but int("²") fails
+    parts: list[str | int] = [int(p) if p.isascii() and p.isdigit() and len(p) < 10 else p
+                              for p in key.strip().split(".")]
     try:
         value, _ = parse_yaml(raw, shown)
     except SpecErrors as exc:
@@ -176,6 +176,8 @@ def _apply_override(data: dict, override: str, sources: SourceMap, sink: ErrorSi
     for i, part in enumerate(parts[:-1]):
         nxt = parts[i + 1]
         if isinstance(node, dict):
+            if part not in node:  # a section the override creates: its errors point at the override
+                sources.locations[tuple(parts[:i + 1])] = Source(shown, 1, 1)
             node = node.setdefault(part, [] if isinstance(nxt, int) else {})
         elif isinstance(node, list) and isinstance(part, int) and part < len(node):
             node = node[part]
@@ -271,14 +273,18 @@ def _check_path(data: dict, loc: Loc, kind: str, root: Path, sources: SourceMap,
     base = declared_in.parent if declared_in and declared_in.name != "<override>" else Path.cwd()
     if kind == "model" and value.lower().endswith(PICKLE_SUFFIXES):
         return  # the schema explains the pickle refusal
+    problem = path_problem(value)
+    if problem:
+        sink.add(loc, problem)
+        return
     if kind == "glob":
         pattern = os.path.normpath(base / value)
         if not Path(pattern).is_relative_to(root):
-            sink.add(loc, f"reference glob {value!r} points outside the project root {root}")
+            sink.add(loc, f"reference glob {shown_value(value)} points outside the project root {root}")
             return
         matches = glob_matches(pattern)
         if not matches:
-            sink.add(loc, f"reference glob {value!r} matches no file (looked in {display_path(Path(pattern).parent, root)})")
+            sink.add(loc, f"reference glob {shown_value(value)} matches no file (looked in {display_path(Path(pattern).parent, root)})")
             return
         for match in matches:
             _, error = resolve_inside_root(str(match), base, root)
@@ -293,11 +299,11 @@ def _check_path(data: dict, loc: Loc, kind: str, root: Path, sources: SourceMap,
         return
     if kind == "model":
         kind = "file" if value.endswith(".safetensors") else "dir"
-    if kind == "file" and not resolved.is_file():
-        sink.add(loc, f"file {value!r} not found (resolved to {display_path(resolved, root)})")
+    if kind == "file" and not is_kind(resolved, "file"):
+        sink.add(loc, f"file {shown_value(value)} not found (resolved to {display_path(resolved, root)})")
         return
-    if kind == "dir" and not resolved.is_dir():
-        sink.add(loc, f"folder {value!r} not found (resolved to {display_path(resolved, root)})")
+    if kind == "dir" and not is_kind(resolved, "dir"):
+        sink.add(loc, f"folder {shown_value(value)} not found (resolved to {display_path(resolved, root)})")
         return
     rel = resolved.relative_to(root).as_posix() or "."
     _set(data, loc, rel)

@@ -179,7 +179,7 @@ class TrainingSpec(Strict):
     @classmethod
     def _apply_kind_preset(cls, data: Any) -> Any:
         """The one place defaults are layered: kind preset, then the spec's own values."""
-        if not isinstance(data, dict) or data.get("kind") not in KIND_PRESETS:
+        if not isinstance(data, dict) or not isinstance(data.get("kind"), str) or data["kind"] not in KIND_PRESETS:
             return data
         preset = KIND_PRESETS[data["kind"]]
         out = dict(data)

@@ -62,7 +62,7 @@ def main(out_dir: Path = REPO / "specs" / "examples" / "loras") -> list[Path]:
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_kohya
 
-    from renderer.models import builtin_dir
+    from renderer.builtins import builtin_dir
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []

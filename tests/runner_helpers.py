@@ -1,14 +1,15 @@
-"""Helpers for the runner/outputs tests: hand-built RenderJobs and a plan-like object."""
+"""Helpers for the runner/outputs tests: hand-built RenderJobs and a Plan holding them."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from schemas.builtins import builtin_digest
 from schemas.job import RenderJob, ResolvedLora, ResolvedModel
+from schemas.plan import Plan
+from schemas.spec import Spec
 
 TINY = ResolvedModel(ref="builtin:tiny-sdxl", kind="builtin", digest=builtin_digest("tiny-sdxl"))
 
@@ -49,13 +50,7 @@ def make_job(
     return draft.model_copy(update={"key": job_key(draft.pixel_fields())})
 
 
-@dataclass(frozen=True)
-class FakePlan:
-    """Plan-shaped: what run_render reads from schemas.plan.Plan."""
-
-    jobs: list
-    root: Path
-    spec_files: list = field(default_factory=list)
-    characters: dict = field(default_factory=dict)
-    performance: dict = field(default_factory=dict)
-    scoring: dict = field(default_factory=lambda: {"model": "builtin:tiny-clip", "weights": None})
+def make_plan(jobs: list[RenderJob], root: Path) -> Plan:
+    """A `schemas.plan.Plan` of hand-built jobs (an empty spec: no LoRA registry, no characters)."""
+    return Plan(spec=Spec(), jobs=list(jobs), root=Path(root), spec_files=[],
+                scoring={"model": "builtin:tiny-clip", "weights": None})

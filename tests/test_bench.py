@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from renderer import flops
-from renderer.bench import make_lora_files
+from renderer.bench_assets import make_lora_files
 from renderer.pipeline import JobRenderer
 from schemas.builtins import builtin_digest
 from schemas.job import RenderJob, ResolvedLora, ResolvedModel
@@ -44,7 +44,7 @@ def test_flop_counter_matches_a_hand_count_on_meta():
 def test_unet_flops_scale_with_batch_and_pixels():
     from diffusers import UNet2DConditionModel
 
-    from renderer.models import builtin_dir
+    from renderer.builtins import builtin_dir
 
     unet = UNet2DConditionModel.from_pretrained(builtin_dir("tiny-sdxl") / "unet", local_files_only=True)
     one = flops.unet_forward_flops(unet, 1, 8, 8)
@@ -78,7 +78,7 @@ def _job(loras=(), seed=5) -> RenderJob:
 def lora_root(tmp_path_factory):
     from diffusers import UNet2DConditionModel
 
-    from renderer.models import builtin_dir
+    from renderer.builtins import builtin_dir
 
     root = tmp_path_factory.mktemp("benchloras")
     unet = UNet2DConditionModel.from_pretrained(builtin_dir("tiny-sdxl") / "unet", local_files_only=True)
@@ -158,8 +158,8 @@ def test_bench_refuses_bad_options(tmp_path, capsys):
     assert "multiple of 8" in capsys.readouterr().err
 
 
-def test_bench_imports_without_ray_open_clip_or_controlnet_aux():
-    # The GPU box has none of them: hide them and import the command and the bench logic.
+def test_bench_imports_without_ray_open_clip_controlnet_aux_or_jinja2():
+    # The GPU box has none of them (nor jinja2): hide them and import the command and the bench logic.
     code = (
         "import sys\n"
         "class Block:\n"
@@ -167,10 +167,11 @@ def test_bench_imports_without_ray_open_clip_or_controlnet_aux():
         "        if name.split('.')[0] in ('ray', 'open_clip', 'controlnet_aux'):\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import castbook.commands.bench, renderer.bench, renderer.actor, renderer.pipeline\n"
+        "sys.modules['jinja2'] = None  # absent (transformers probes it with find_spec, which then says None)\n"
+        "import castbook.commands.bench, renderer.bench, renderer.bench_summary, renderer.actor, renderer.pipeline\n"
         "from castbook.cli import build_parser\n"
         "build_parser().parse_args(['bench', '--model', 'builtin:sdxl-random', '--compile', '--loras', '2'])\n"
-        "from renderer.models import clip_tokenizer\n"
+        "from renderer.builtins import clip_tokenizer\n"
         "tok = clip_tokenizer(allow_byte_fallback=True)\n"
         "assert len(tok('a hero').input_ids) > 2\n"
         "print('ok')\n"
@@ -183,7 +184,6 @@ def test_bench_imports_without_ray_open_clip_or_controlnet_aux():
 @pytest.mark.timeout(1800)  # ≈ 1-2 min on an idle 2-core box; far more when it is shared
 def test_gpu_suite_cpu_mode_runs_end_to_end(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable)
-    env.pop("OUT", None)
     out = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--cpu", "--out", str(tmp_path)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=1700)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -59,7 +59,7 @@ def test_reports_render_cleanly_in_chromium(chromium, runs, tmp_path):
                     if m.type in ("error", "warning") else None)
             page.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
             page.on("requestfailed", lambda r: problems.append(f"requestfailed: {r.url}"))
-            for name in ("report", "consistency", "benchmark", "diff"):
+            for name in ("report", "consistency", "benchmark", "diff", "index"):
                 page.goto(paths[name].as_uri())
                 # Thumbnails are lazy: load them all so a broken link cannot hide below the fold.
                 page.evaluate("document.querySelectorAll('img').forEach(i => { i.loading = 'eager'; })")
@@ -84,6 +84,13 @@ def test_reports_render_cleanly_in_chromium(chromium, runs, tmp_path):
                     assert page.locator("svg.chart[data-metric='mean_s_per_image'] circle").count() == 3
                     box = page.locator("svg.chart").first.bounding_box()
                     assert box and box["width"] > 200 and box["height"] > 100
+                if name == "index":
+                    assert page.locator("#runs tr[data-run]").count() == 3
+                    assert page.locator("#trends svg.chart").count() == 2  # luca and mia
+                    assert page.locator("#trends svg.chart circle").count() == 6
+                    page.click("#runs tr[data-run] a")  # newest run's report opens from the index
+                    assert page.title().startswith("Summary")
+                    page.go_back()
                 page.screenshot(path=str(ARTIFACTS / f"report-{name}.png"), full_page=True)
         finally:
             ctx.close()

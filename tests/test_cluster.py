@@ -24,6 +24,7 @@ import pytest
 from test_runner import SPEC
 
 from core.jsonl import read_jsonl
+from schemas.records import ManifestRecord
 
 pytestmark = pytest.mark.slow
 
@@ -89,9 +90,9 @@ def test_two_actors_on_two_nodes_render_the_same_bytes_as_one(two_node_cluster, 
                        env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     (cluster_run,) = (tmp_path / "cluster").glob("2*")
-    recs = read_jsonl(cluster_run / "manifest.jsonl")
-    assert len(recs) == 4 and all(x["status"] == "rendered" for x in recs)
-    assert {x["actor"] for x in recs} == {0, 1}  # both actors rendered
+    recs = [ManifestRecord.model_validate(line) for line in read_jsonl(cluster_run / "manifest.jsonl")]
+    assert len(recs) == 4 and all(x.status == "rendered" for x in recs)
+    assert {x.actor for x in recs} == {0, 1}  # both actors rendered
     run = json.loads((cluster_run / "run.json").read_text())
     assert len({a["node_id"] for a in run["actors_info"]}) == 2  # one actor per node (render_slot)
 
@@ -103,4 +104,4 @@ def test_two_actors_on_two_nodes_render_the_same_bytes_as_one(two_node_cluster, 
     assert one.exit_code == 0
     single_run = one.run_dir
     for rec in recs:
-        assert (cluster_run / rec["image"]).read_bytes() == (single_run / rec["image"]).read_bytes(), rec["name"]
+        assert (cluster_run / rec.image).read_bytes() == (single_run / rec.image).read_bytes(), rec.name

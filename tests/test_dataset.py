@@ -85,3 +85,14 @@ def test_prepare_refuses_output_inside_input_and_poses(raw, tmp_path):
 
     with pytest.raises(PrepareError, match="body_pose_model.pth"):
         prepare_poses(raw, PoseOptions(annotator=None))
+
+
+def test_a_caption_that_is_not_utf8_is_a_warning_not_a_traceback(tmp_path):
+    src = tmp_path / "raw"
+    src.mkdir()
+    blocks(0).save(src / "a.png")
+    (src / "a.txt").write_bytes(b"zqx, caf\xe9")  # Latin-1
+    summary = prepare_dataset(src, tmp_path / "out", PrepareOptions(min_size=32, resolution=64, bucket_step=16))
+    (record,) = summary["files"]
+    assert record["status"] == "kept" and record["warnings"][0].startswith("caption is not UTF-8 text")
+    assert not (tmp_path / "out" / "a.txt").exists()

@@ -158,6 +158,11 @@ def test_by_job_numbers_and_gate_leave_the_baseline_out(ungated):
     assert luca["pass_rate"] == 1.0 and luca["gate_passed"] is True
     assert luca["clip_i_mean"]["min"] == min(r["clip_i_mean"] for r in main)
     assert res["gate"] == {"passed": True, "failures": []}
+    # The summary agrees with the character's gated mean; the baseline shows only in `_all`.
+    assert res["summary"]["clip_i_mean"] == pytest.approx(luca["clip_i_mean"]["mean"], abs=1e-6)
+    assert res["summary"]["clip_i_mean_all"] == pytest.approx(
+        sum(r["clip_i_mean"] for r in main + base) / 4, abs=1e-6)
+    assert res["summary"]["clip_i_mean_all"] < res["summary"]["clip_i_mean"]
 
 
 def test_check_passes_with_the_baseline_ungated_and_fails_with_it_gated(ungated, tmp_path, capsys):

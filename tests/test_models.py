@@ -1,4 +1,5 @@
-"""Model loading: built-ins, export, file-format safety (never unpickle), sdxl-random on meta."""
+"""renderer.models and renderer.builtins: loading, built-ins, export, file-format safety (never unpickle),
+sdxl-random on meta."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from core.errors import JobError
-from renderer import models
+from renderer import builtins, models
 from schemas.job import ResolvedModel
 
 
@@ -92,7 +93,7 @@ def test_single_file_without_config_folder_says_what_to_do(tmp_path):
 
 
 def test_sdxl_random_unet_has_the_sdxl_base_architecture_on_meta():
-    unet = models.build_sdxl_random_unet("meta")
+    unet = builtins.build_sdxl_random_unet("meta")
     n = sum(p.numel() for p in unet.parameters())
     assert 2_560_000_000 < n < 2_570_000_000  # SDXL-base UNet: 2,567,463,684 parameters
     assert all(p.device.type == "meta" for p in unet.parameters())
@@ -103,7 +104,7 @@ def test_sdxl_random_unet_has_the_sdxl_base_architecture_on_meta():
 def test_tokenizer_ids_match_open_clip():
     import open_clip
 
-    tok = models.clip_tokenizer()
+    tok = builtins.clip_tokenizer()
     for text in ["a photo of Luca, a boy with brown hair!", "Porto Rosso harbour at dawn, 8k, hdr"]:
         ours = tok(text).input_ids
         theirs = open_clip.tokenize([text])[0].tolist()
@@ -121,8 +122,8 @@ def test_dtype_resolution():
 
 def test_unknown_builtin_lists_the_known_ones():
     with pytest.raises(JobError, match="builtin:tiny-sdxl"):
-        models.builtin_name("builtin:huge-sdxl")
-    assert models.builtin_digest("builtin:tiny-sdxl") == "builtin:tiny-sdxl@r1"
+        builtins.builtin_name("builtin:huge-sdxl")
+    assert builtins.builtin_digest("builtin:tiny-sdxl") == "builtin:tiny-sdxl@r1"
 
 
 def test_export_cli_writes_a_folder_plain_diffusers_loads(tmp_path, capsys):
@@ -140,7 +141,7 @@ def test_export_cli_writes_a_folder_plain_diffusers_loads(tmp_path, capsys):
     # exporting into a non-empty folder is refused, not merged
     assert args.func(args) == 2
     assert "not empty" in capsys.readouterr().err
-    models.export_builtin("builtin:tiny-controlnet", tmp_path / "cn")
+    builtins.export_builtin("builtin:tiny-controlnet", tmp_path / "cn")
     assert tuple(ControlNetModel.from_pretrained(tmp_path / "cn").config.conditioning_embedding_out_channels) == (16, 32)
     args = parser.parse_args(["models", "list"])
     assert args.func(args) == 0
@@ -149,9 +150,9 @@ def test_export_cli_writes_a_folder_plain_diffusers_loads(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_builtins_build_byte_identical_in_a_fresh_home(tmp_path, monkeypatch):
-    default = models.builtin_dir("tiny-sdxl")
+    default = builtins.builtin_dir("tiny-sdxl")
     monkeypatch.setenv("CASTBOOK_HOME", str(tmp_path))
-    fresh = models.builtin_dir("tiny-sdxl")
+    fresh = builtins.builtin_dir("tiny-sdxl")
     assert fresh != default and fresh.is_relative_to(tmp_path)
     for rel in ["unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"]:
         assert (fresh / rel).read_bytes() == (default / rel).read_bytes(), rel
@@ -159,7 +160,18 @@ def test_builtins_build_byte_identical_in_a_fresh_home(tmp_path, monkeypatch):
 
 
 def test_sdxl_random_full_pipeline_builds_on_meta():
-    pipe = models.build_sdxl_random_pipeline(device="meta", torch_dtype=torch.float16)
+    pipe = builtins.build_sdxl_random_pipeline(device="meta", torch_dtype=torch.float16)
     assert round(sum(p.numel() for p in pipe.text_encoder_2.parameters()) / 1e6) == 695  # OpenCLIP bigG text tower
     assert pipe.vae_scale_factor == 8 and pipe.unet.dtype == torch.float16
     assert pipe.unet.device.type == "meta"
+
+
+def test_builders_leave_the_callers_random_state_alone():
+    """Library functions must not reseed the process: a caller's next random numbers are unchanged."""
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    builtins.build_tiny_sdxl_components()
+    builtins.build_sdxl_random_pipeline(device="meta", torch_dtype=torch.float16)
+    assert torch.equal(torch.rand(3), expected)
+    assert torch.get_default_dtype() == torch.float32

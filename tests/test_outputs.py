@@ -1,4 +1,4 @@
-"""renderer.outputs: atomic writes, PNG metadata, ledger, lock, cache (no torch needed)."""
+"""renderer.outputs, renderer.png_metadata, renderer.writer: atomic writes, PNG metadata, ledger, lock, cache (no torch needed)."""
 
 from __future__ import annotations
 
@@ -10,22 +10,21 @@ import pytest
 from PIL import Image
 from runner_helpers import make_job
 
-from core.files import atomic_write_bytes, link_or_copy
+from core.files import atomic_write_bytes, link_or_copy, new_temp_folder, publish_folder
 from core.jsonl import append_jsonl, read_jsonl
 from renderer import outputs
-from renderer.outputs import (
-    ImageCache,
-    RootLock,
-    RunLocked,
+from renderer.outputs import ImageCache, RootLock, RunLocked, new_run_dir
+from renderer.png_metadata import (
     encode_png,
     format_parameters,
-    new_run_dir,
     parse_parameters,
     read_castbook_chunk,
     read_png_text,
     split_lora_tags,
 )
+from renderer.writer import RunWriter
 from schemas.job import ResolvedLora
+from schemas.records import ManifestRecord, RenderResult
 
 LORA = ResolvedLora(name="luca", path="loras/luca.safetensors", digest="ab" * 32, weight=0.8, kind="character")
 STYLE = ResolvedLora(name="ink", path="loras/ink.safetensors", digest="cd" * 32, weight=1.0, kind="style")
@@ -163,7 +162,69 @@ def test_image_path_rejects_escape():
 
 def test_outputs_module_does_not_import_torch():
     r = subprocess.run(
-        [sys.executable, "-c", "import sys, renderer.outputs, renderer.runner; print('torch' in sys.modules)"],
+        [sys.executable, "-c", "import sys, renderer.outputs, renderer.png_metadata, renderer.writer, renderer.runner, "
+                               "schemas.records; print('torch' in sys.modules)"],
         capture_output=True, text=True,
     )
     assert r.stdout.strip() == "False", r.stderr
+
+
+def test_writer_ledger_lines_are_manifest_records_that_reports_read_back(tmp_path):
+    from reports.rundir import load_run
+
+    ok, bad = make_job(seed=1), make_job(seed=2)
+    run_dir = new_run_dir(tmp_path, "t")
+    outputs.write_plan_jsonl(run_dir / "plan.jsonl", [ok, bad])
+    (run_dir / "run.json").write_text("{}")
+    writer = RunWriter(tmp_path, run_dir)
+    writer.result(ok, RenderResult(key=ok.key, actor=0, pid=1, png=b"png-bytes", seconds=0.5,
+                                   timings={"denoise_s": 0.4}, device="cpu", dtype="fp32"))
+    writer.result(bad, RenderResult(key=bad.key, actor=0, pid=1, error="JobError: boom", seconds=0.1))
+    writer.result(ok, RenderResult(key=ok.key, actor=0, pid=1, png=b"again"))  # a late retry: not written twice
+    assert writer.counts == {"rendered": 1, "cached": 0, "failed": 1}
+    lines = read_jsonl(run_dir / "manifest.jsonl")
+    assert list(lines[0]) == list(ManifestRecord.model_fields)[:-1]  # documented order; bare_seconds never written
+    assert lines[0]["image"] == f"images/{ok.name}.png" and lines[0]["timings"] == {"denoise_s": 0.4}
+    assert (run_dir / lines[0]["image"]).read_bytes() == b"png-bytes"
+    run = load_run(run_dir)
+    by_name = {e.name: e for e in run.entries}
+    assert by_name[ok.name].status == "rendered" and by_name[ok.name].record.seconds == 0.5
+    assert by_name[bad.name].status == "failed" and by_name[bad.name].ledger["error"] == "JobError: boom"
+
+
+def test_older_bench_ledgers_with_bare_seconds_still_read():
+    line = {"key": "k", "name": "n", "status": "rendered", "image": "images/n.png", "seconds": 1.0, "steps": 4,
+            "peak_memory_bytes": None, "timings": {}, "lora_switched": False, "fallback": None, "error": None,
+            "control_maps": [], "actor": 0, "finished_at": "2026-11-30T03:15:10Z", "bare_seconds": None}
+    record = ManifestRecord.model_validate(line)
+    assert "bare_seconds" not in record.to_json()
+    with pytest.raises(ValueError, match="status"):
+        ManifestRecord.model_validate({**line, "status": "done"})
+
+
+def test_one_run_json_builder_for_render_and_bench(tmp_path):
+    run_dir = new_run_dir(tmp_path, "luca")
+    run = outputs.new_run_info(run_dir, kind="render", root=tmp_path, spec_files=["spec.yaml"], total=3,
+                               executor="local", actors=1, characters={"luca": {}}, scoring=None, only=None, force=False)
+    for key in ("run_id", "castbook_version", "root", "spec_files", "spec_digest", "git_commit", "started",
+                "finished", "status", "counts", "environment", "executor", "actors", "startup", "characters",
+                "scoring"):  # docs/INTERFACES.md
+        assert key in run, key
+    assert run["status"] == "running" and run["counts"] == {"total": 3, "rendered": 0, "cached": 0, "failed": 0}
+    outputs.finish_run_info(run, status="finished", counts={"rendered": 2, "cached": 0, "failed": 1})
+    assert run["counts"] == {"total": 3, "rendered": 2, "cached": 0, "failed": 1} and run["finished"]
+    bench = outputs.new_run_info(run_dir, kind="bench", root=tmp_path, spec_files=["bench:x"], total=2,
+                                 executor="local", actors=1)
+    assert bench["kind"] == "bench" and bench["spec_digest"] is None and set(run) - set(bench) == {"only", "force"}
+
+
+def test_publish_folder_first_writer_wins(tmp_path):
+    final = tmp_path / "builtins" / "model-r1"
+    first, second = new_temp_folder(final), new_temp_folder(final)
+    (first / "config.json").write_text("first")
+    (second / "config.json").write_text("second")
+    assert publish_folder(first, final) is True
+    assert publish_folder(second, final) is False
+    assert (final / "config.json").read_text() == "first"
+    assert not first.exists() and not second.exists()
+    assert oct(final.stat().st_mode & 0o777) == "0o755"

@@ -10,7 +10,7 @@ import torch
 from _render_helpers import job
 
 from core.errors import JobError
-from renderer import models
+from renderer import builtins, models
 from renderer.pipeline import JobRenderer
 from schemas.job import ResolvedModel
 
@@ -18,7 +18,7 @@ from schemas.job import ResolvedModel
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("piperoot")
-    models.export_builtin("builtin:tiny-sdxl", root / "tiny")
+    builtins.export_builtin("builtin:tiny-sdxl", root / "tiny")
     return root
 
 
@@ -71,7 +71,7 @@ def test_every_scheduler_runs_and_options_do_not_leak(renderer):
     assert not np.array_equal(images["dpmpp_2m"], images["dpmpp_2m_karras"])
     # after karras, plain euler is the same as before (options come from the base config each time)
     assert np.array_equal(np.array(renderer.render(job(scheduler="euler")).image), images["euler"])
-    from renderer.outputs import A1111_SAMPLERS
+    from renderer.png_metadata import A1111_SAMPLERS
 
     assert set(A1111_SAMPLERS) == set(models.SCHEDULERS)
 
@@ -133,7 +133,7 @@ def test_a_vae_override_replaces_the_decoder(exported):
     """performance.vae: the base model's own VAE folder gives the same pixels; other weights differ."""
     from diffusers import AutoencoderKL
 
-    from renderer.outputs import format_parameters
+    from renderer.png_metadata import format_parameters
 
     other = AutoencoderKL.from_pretrained(exported / "tiny" / "vae")
     with torch.no_grad():
@@ -150,3 +150,25 @@ def test_a_vae_override_replaces_the_decoder(exported):
     assert "VAE: vae-other" in format_parameters(job(seed=5, vae=swapped))
     with pytest.raises(JobError, match="no model_index.json or config.json"):
         r.render(job(seed=5, vae=ResolvedModel(ref=".", kind="diffusers", digest="sha256:x")))
+
+
+def test_in_process_actor_returns_a_typed_result_and_leaves_process_settings_alone(exported):
+    """`--executor local`, `castbook reproduce` and `castbook bench` run the actor in the caller's
+    process: it must not change torch threads or the libraries' progress bars there."""
+    import diffusers.utils.logging as dl
+
+    from renderer.actor import RenderActor, quiet_loading_bars
+    from renderer.png_metadata import read_castbook_chunk
+
+    before = (torch.get_num_threads(), dl.is_progress_bar_enabled())
+    j = job(seed=3)
+    actor = RenderActor(root=exported, base_model=j.base_model)
+    result = actor.render(job=j)
+    assert result.ok and result.key == j.key and result.device == "cpu" and result.seconds > 0
+    assert read_castbook_chunk(result.png)["key"] == j.key
+    failed = actor.render(job=job(width=60))  # not a multiple of 8: an error in the result, not a raise
+    assert not failed.ok and failed.png is None and "60" in failed.error
+    assert (torch.get_num_threads(), dl.is_progress_bar_enabled()) == before
+    with quiet_loading_bars():
+        assert not dl.is_progress_bar_enabled()
+    assert dl.is_progress_bar_enabled() == before[1]

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from castbook.cli import main as cli_main
 from castbook.commands import check as check_cmd
 from castbook.commands import report as report_cmd
 from reports import write_reports
@@ -118,7 +119,7 @@ def current(project):
 # --- tests -------------------------------------------------------------------------------
 def test_all_outputs_written_atomically(current):
     run_dir, paths, _ = current
-    assert set(paths) == {"results", "selection", "report", "consistency", "benchmark", "diff"}
+    assert set(paths) == {"results", "selection", "report", "consistency", "benchmark", "diff", "index"}
     for p in paths.values():
         assert p.is_file() and p.stat().st_size > 0
     assert not list(run_dir.rglob("*.tmp"))
@@ -330,7 +331,7 @@ def test_first_run_diff_says_nothing_to_compare(project):
 
 # --- castbook check / report ------------------------------------------------------------
 def _check(run_dir: Path) -> int:
-    return check_cmd.run(argparse.Namespace(run_dir=run_dir))
+    return cli_main(["check", str(run_dir)])
 
 
 def _simple_run(tmp_path: Path, name: str, pictures: list[str], threshold: float, failed: bool = False,
@@ -374,13 +375,13 @@ def test_check_fails_on_a_failed_job(tmp_path, capsys):
 
 def test_check_and_report_on_a_missing_run_exit_2(tmp_path, capsys):
     assert _check(tmp_path / "nope") == 2
-    assert report_cmd.run(argparse.Namespace(run_dir=tmp_path / "nope")) == 2
+    assert cli_main(["report", str(tmp_path / "nope")]) == 2
     assert "no run.json" in capsys.readouterr().err
 
 
 def test_report_command_writes_the_pages(tmp_path):
     run_dir = _simple_run(tmp_path, "20261130T000000Z-r", ["circle"], threshold=0.65)
-    assert report_cmd.run(argparse.Namespace(run_dir=run_dir)) == 0
+    assert cli_main(["report", str(run_dir)]) == 0
     for page in PAGES:
         assert (run_dir / f"{page}.html").is_file()
     assert json.loads((run_dir / "results.json").read_text())["gate"]["passed"] is True

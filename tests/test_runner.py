@@ -15,19 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
-from runner_helpers import FakePlan, make_job
+from runner_helpers import make_job, make_plan
 
 from core.jsonl import read_jsonl
-from renderer.outputs import (
-    ImageCache,
-    RootLock,
-    parse_parameters,
-    read_castbook_chunk,
-    read_png_text,
-    split_lora_tags,
-)
-from renderer.runner import order_jobs, run_render, worker_env
+from renderer.outputs import ImageCache, RootLock
+from renderer.png_metadata import parse_parameters, read_castbook_chunk, read_png_text, split_lora_tags
+from renderer.ray_cluster import start_ray, worker_env
+from renderer.runner import order_jobs, run_render
 from schemas.job import ResolvedLora
+from schemas.records import ManifestRecord
 
 pytestmark = pytest.mark.slow
 
@@ -58,30 +54,21 @@ SPEC = textwrap.dedent(
 )
 
 
-def manifest(run_dir: Path) -> list[dict]:
-    return read_jsonl(run_dir / "manifest.jsonl")
+def manifest(run_dir: Path) -> list[ManifestRecord]:
+    """The run's ledger, read through the one model the runner writes."""
+    return [ManifestRecord.model_validate(line) for line in read_jsonl(run_dir / "manifest.jsonl")]
 
 
-def names(recs: list[dict], status: str | None = None) -> list[str]:
-    return [r["name"] for r in recs if status is None or r["status"] == status]
+def names(recs: list[ManifestRecord], status: str | None = None) -> list[str]:
+    return [r.name for r in recs if status is None or r.status == status]
 
 
 @pytest.fixture(scope="module")
 def ray_session():
     import ray
 
-    started = not ray.is_initialized()  # another module's session fixture may own Ray
-    if started:
-        ray.init(
-            address="local",
-            num_cpus=2,
-            resources={"render_slot": 2},
-            include_dashboard=False,
-            object_store_memory=200 * 1024 * 1024,
-            _node_ip_address="127.0.0.1",
-            log_to_driver=False,
-            runtime_env={"env_vars": worker_env()},
-        )
+    # False when another module's session fixture owns Ray: then leave it running.
+    started = start_ray(None, num_cpus=2, resources={"render_slot": 2}, log_to_driver=False)
     yield ray
     if started:
         ray.shutdown()
@@ -101,7 +88,7 @@ def ray_run(tmp_path_factory, ray_session):
     os.environ["CASTBOOK_TEST_CRASH_KEY"] = good[1].key
     os.environ["CASTBOOK_TEST_CRASH_MARKER"] = str(marker)
     try:
-        result = run_render(FakePlan(jobs=good + [broken], root=root), out_dir=out, progress=False, quiet=True)
+        result = run_render(make_plan(good + [broken], root=root), out_dir=out, progress=False, quiet=True)
     finally:
         del os.environ["CASTBOOK_TEST_CRASH_KEY"], os.environ["CASTBOOK_TEST_CRASH_MARKER"]
     return {"root": root, "out": out, "result": result, "good": good, "broken": broken, "marker": marker}
@@ -113,15 +100,15 @@ def test_failed_job_is_isolated_and_dead_actor_is_replaced(ray_run):
     assert r.counts == {"total": 4, "rendered": 3, "cached": 0, "failed": 1}
     recs = manifest(r.run_dir)
     assert sorted(names(recs)) == sorted(j.name for j in good + [broken])  # each job exactly once
-    (failed,) = [x for x in recs if x["status"] == "failed"]
-    assert failed["name"] == broken.name and "bad" in failed["error"] and failed["image"] is None
+    (failed,) = [x for x in recs if x.status == "failed"]
+    assert failed.name == broken.name and "bad" in failed.error and failed.image is None
     # The actor really died on good[1] (the marker exists) and a new one rendered it.
     assert ray_run["marker"].exists()
     assert r.stats and r.stats[0]["restarts"] == 1
     for rec in recs:
-        if rec["status"] == "rendered":
-            assert (r.run_dir / rec["image"]).is_file()
-            assert ImageCache(ray_run["out"]).has(rec["key"])
+        if rec.status == "rendered":
+            assert (r.run_dir / rec.image).is_file()
+            assert ImageCache(ray_run["out"]).has(rec.key)
     run = json.loads((r.run_dir / "run.json").read_text())
     assert run["status"] == "finished" and run["counts"]["failed"] == 1
     assert run["environment"]["device"] == "cpu" and run["executor"] == "ray"
@@ -161,11 +148,11 @@ def test_all_cached_rerun_renders_nothing_and_imports_no_torch(ray_run, tmp_path
         import json, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from pathlib import Path
-        from runner_helpers import FakePlan
+        from runner_helpers import make_plan
         from schemas.job import RenderJob
         from renderer.runner import run_render
         jobs = [RenderJob.model_validate_json(l) for l in open({str(jobs_file)!r})]
-        r = run_render(FakePlan(jobs=jobs, root=Path({str(ray_run['root'])!r})), out_dir={str(ray_run['out'])!r}, quiet=True)
+        r = run_render(make_plan(jobs, root=Path({str(ray_run['root'])!r})), out_dir={str(ray_run['out'])!r}, quiet=True)
         heavy = sorted(m for m in ("torch", "ray", "diffusers", "transformers") if m in sys.modules)
         print(json.dumps({{"counts": r.counts, "heavy": heavy, "run_dir": str(r.run_dir), "exit": r.exit_code}}))
         """
@@ -177,21 +164,21 @@ def test_all_cached_rerun_renders_nothing_and_imports_no_torch(ray_run, tmp_path
     assert res["heavy"] == [] and res["exit"] == 0
     run_dir = Path(res["run_dir"])
     for rec in manifest(run_dir):
-        assert rec["status"] == "cached"
-        img = run_dir / rec["image"]
-        assert img.read_bytes() == ImageCache(ray_run["out"]).png(rec["key"]).read_bytes()
+        assert rec.status == "cached"
+        img = run_dir / rec.image
+        assert img.read_bytes() == ImageCache(ray_run["out"]).png(rec.key).read_bytes()
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "finished" and run["startup"]["ray_init_s"] is None
 
 
 def test_changed_prompt_renders_only_its_jobs_and_force_rerenders(tmp_path):
     jobs = [make_job(scene=s, seed=i) for s in ("beach", "town") for i in (1, 2)]
-    plan = FakePlan(jobs=jobs, root=tmp_path)
+    plan = make_plan(jobs, root=tmp_path)
     first = run_render(plan, out_dir=tmp_path / "runs", executor="local", quiet=True)
     assert first.counts["rendered"] == 4 and first.exit_code == 0
     edited = [j if j.scene == "beach" else make_job(scene="town", seed=j.seed, prompt="luca in the rain")
               for j in jobs]
-    second = run_render(FakePlan(jobs=edited, root=tmp_path), out_dir=tmp_path / "runs", executor="local", quiet=True)
+    second = run_render(make_plan(edited, root=tmp_path), out_dir=tmp_path / "runs", executor="local", quiet=True)
     recs = manifest(second.run_dir)
     assert sorted(names(recs, "rendered")) == sorted(j.name for j in jobs if j.scene == "town")
     assert sorted(names(recs, "cached")) == sorted(j.name for j in jobs if j.scene == "beach")
@@ -199,7 +186,14 @@ def test_changed_prompt_renders_only_its_jobs_and_force_rerenders(tmp_path):
     assert forced.counts == {"total": 2, "rendered": 2, "cached": 0, "failed": 0}
     # Same seed, same bytes: the cache entry is unchanged by the forced re-render.
     for rec in manifest(forced.run_dir):
-        assert (forced.run_dir / rec["image"]).read_bytes() == (first.run_dir / rec["image"]).read_bytes()
+        assert (forced.run_dir / rec.image).read_bytes() == (first.run_dir / rec.image).read_bytes()
+
+
+def test_ray_workers_run_offline_with_the_drivers_castbook_settings(monkeypatch):
+    monkeypatch.setenv("CASTBOOK_TORCH_THREADS", "3")
+    env = worker_env()
+    assert env["HF_HUB_OFFLINE"] == env["TRANSFORMERS_OFFLINE"] == "1" and env["RAY_USAGE_STATS_ENABLED"] == "0"
+    assert env["CASTBOOK_TORCH_THREADS"] == "3" and env["CASTBOOK_IN_RAY"] == "1"
 
 
 def test_jobs_are_grouped_by_lora_stack():
@@ -248,7 +242,7 @@ def test_kill_9_then_rerun_renders_exactly_the_missing_jobs(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         log.close()
-    done_before = {r["key"] for r in manifest(killed_run)}
+    done_before = {r.key for r in manifest(killed_run)}
     assert 2 <= len(done_before) < 6
     assert json.loads((killed_run / "run.json").read_text())["status"] == "running"  # killed, never closed
     cache = ImageCache(out)
@@ -260,12 +254,12 @@ def test_kill_9_then_rerun_renders_exactly_the_missing_jobs(tmp_path):
     assert r.returncode == 0, r.stderr
     new_run = max(out.glob("2*"), key=lambda p: p.stat().st_mtime_ns)
     recs = manifest(new_run)
-    assert len(recs) == 6 and len({x["name"] for x in recs}) == 6  # no duplicates
-    assert {x["key"] for x in recs if x["status"] == "cached"} == cached_keys
-    rendered = {x["key"] for x in recs if x["status"] == "rendered"}
+    assert len(recs) == 6 and len({x.name for x in recs}) == 6  # no duplicates
+    assert {x.key for x in recs if x.status == "cached"} == cached_keys
+    rendered = {x.key for x in recs if x.status == "rendered"}
     assert rendered and not (rendered & cached_keys)  # exactly the missing ones
     assert len(rendered) + len(cached_keys) == 6
-    assert all((new_run / x["image"]).is_file() for x in recs)
+    assert all((new_run / x.image).is_file() for x in recs)
 
 
 def test_spec_error_exits_2_before_anything_is_created(tmp_path):

@@ -16,10 +16,14 @@ torch = pytest.importorskip("torch")
 
 from scipy import ndimage  # noqa: E402
 
+from schemas import toy as recipes  # noqa: E402
 from schemas.builtins import builtin_digest  # noqa: E402
-from toyworld import base as fs  # noqa: E402
 from toyworld import controlnet as tc  # noqa: E402
+from toyworld import controlnet_eval as ce  # noqa: E402
+from toyworld import loop  # noqa: E402
 from toyworld import world as tw  # noqa: E402
+from toyworld.export import load_pipeline  # noqa: E402
+from toyworld.unet import time_ids  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "renderer" / "weights" / "toy" / "sdxl"
@@ -28,22 +32,17 @@ needs_base = pytest.mark.skipif(not (BASE / "model_index.json").exists(),
                                 reason="renderer/weights/toy/sdxl not trained yet")
 
 
-@pytest.fixture(autouse=True)
-def _restore_determinism():
-    # run_controlnet turns deterministic algorithms on for the process, as a real run does.
-    yield
-    torch.use_deterministic_algorithms(False)
-
-
 @pytest.fixture(scope="module")
 def base_pipe():
     if not (BASE / "model_index.json").exists():
         pytest.skip("renderer/weights/toy/sdxl not trained yet")
-    torch.set_num_threads(1)
-    pipe = fs.load_pipeline(BASE)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # this module's runs: 1 thread is the fastest on a shared CPU
+    pipe = load_pipeline(BASE)
     for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         m.eval().requires_grad_(False)
-    return pipe
+    yield pipe
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +57,13 @@ def smoke_run(tmp_path_factory):
     if not (BASE / "model_index.json").exists():
         pytest.skip("renderer/weights/toy/sdxl not trained yet")
     tmp = tmp_path_factory.mktemp("toycn")
-    spec = tc.ToyControlNetSpec(data={"count": 12, "seed": 0}, steps=4, batch_size=4, warmup_steps=0,
+    spec = recipes.ToyControlNetSpec(data={"count": 12, "seed": 0}, steps=4, batch_size=4, warmup_steps=0,
                                 learning_rate=1e-3, checkpoint_every=2,
                                 eval={"count": 3, "steps": 2, "batch_size": 3, "seed": 2000},
                                 work_dir=str(tmp / "work"), output=str(tmp / "out" / "controlnet"))
     lines: list[str] = []
-    try:
-        record = tc.run_controlnet(spec, REPO, log=lines.append)
-    finally:
-        torch.use_deterministic_algorithms(False)
+    record = tc.run_controlnet(spec, REPO, log=lines.append)
+    assert not torch.are_deterministic_algorithms_enabled()  # the run's settings end with the run
     return spec, Path(spec.output), record, lines
 
 
@@ -76,7 +73,7 @@ def smoke_run(tmp_path_factory):
 def test_pose_map_outline_lies_on_the_border_of_the_rendered_body():
     for i in range(12):
         img, label = tw.generate_one(7, i)
-        body = tc.body_mask(img, label.background)  # what `render` painted, read from its pixels
+        body = ce.body_mask(img, label.background)  # what `render` painted, read from its pixels
         band = (body ^ ndimage.binary_erosion(body)) | (ndimage.binary_dilation(body) ^ body)
         inner = body ^ ndimage.binary_erosion(body)
         pm = np.asarray(tw.pose_map(label.shape, label.pose))
@@ -132,10 +129,10 @@ def test_control_tensor_is_what_the_controlnet_pipeline_feeds_the_controlnet(bas
 
 @needs_base
 def test_fresh_controlnet_changes_nothing_and_training_makes_it_matter(base_pipe, small_data):
-    spec = tc.ToyControlNetSpec(batch_size=4, steps=3, warmup_steps=0, learning_rate=1e-3)
+    spec = recipes.ToyControlNetSpec(batch_size=4, steps=3, warmup_steps=0, learning_rate=1e-3)
     lat, e, p, c = tc.sample_batch(small_data, 4, 0.0, 0.0, torch.Generator().manual_seed(0))
     t = torch.full((4,), 500)
-    added = {"text_embeds": p, "time_ids": fs.time_ids(64, 4)}
+    added = {"text_embeds": p, "time_ids": time_ids(64, 4)}
 
     def out(controlnet):
         with torch.no_grad():
@@ -153,10 +150,10 @@ def test_fresh_controlnet_changes_nothing_and_training_makes_it_matter(base_pipe
 
 @needs_base
 def test_training_is_deterministic(base_pipe, small_data):
-    spec = tc.ToyControlNetSpec(batch_size=4, steps=3, warmup_steps=1, caption_dropout=0.5, control_dropout=0.25)
-    torch.use_deterministic_algorithms(True)
-    runs = [tc.train_controlnet(base_pipe.unet, small_data, spec, base_pipe.scheduler.config, log=lambda m: None)
-            for _ in range(2)]
+    spec = recipes.ToyControlNetSpec(batch_size=4, steps=3, warmup_steps=1, caption_dropout=0.5, control_dropout=0.25)
+    with loop.deterministic(seed=0, threads=1):
+        runs = [tc.train_controlnet(base_pipe.unet, small_data, spec, base_pipe.scheduler.config, log=lambda m: None)
+                for _ in range(2)]
     a, b = (r[0].state_dict() for r in runs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert runs[0][1] == runs[1][1]  # identical loss curves
@@ -189,12 +186,13 @@ def test_run_exports_a_folder_that_loads_and_renders_with_the_toy_base(smoke_run
 
 
 def test_renderer_loads_the_trained_folder_as_builtin_toy_controlnet(smoke_run, monkeypatch):
+    from renderer import builtins as renderer_builtins
     from renderer import models
     from renderer.pipeline import JobRenderer
     from schemas.job import RenderJob, ResolvedControl, ResolvedModel
 
     _, out, _, _ = smoke_run
-    monkeypatch.setattr(models, "TOY_CONTROLNET_DIR", out)
+    monkeypatch.setattr(renderer_builtins, "TOY_CONTROLNET_DIR", out)
     cn_ref = ResolvedModel(ref="builtin:toy-controlnet", kind="builtin", digest=builtin_digest("toy-controlnet"))
     cn = models.load_controlnet(cn_ref, REPO, "cpu", "fp32")
     assert cn.dtype == torch.float32  # fp16 on disk, loaded as the job asks
@@ -215,11 +213,11 @@ def test_renderer_loads_the_trained_folder_as_builtin_toy_controlnet(smoke_run, 
 
 def test_missing_weights_tell_the_user_how_to_train_them(tmp_path, monkeypatch):
     from core.errors import JobError
-    from renderer import models
+    from renderer import builtins as renderer_builtins
 
-    monkeypatch.setattr(models, "TOY_CONTROLNET_DIR", tmp_path / "controlnet")
+    monkeypatch.setattr(renderer_builtins, "TOY_CONTROLNET_DIR", tmp_path / "controlnet")
     with pytest.raises(JobError, match=r"castbook toymodel train-controlnet specs/toy/toy-controlnet\.yaml"):
-        models.builtin_dir("builtin:toy-controlnet")
+        renderer_builtins.builtin_dir("builtin:toy-controlnet")
 
 
 # --- eval --------------------------------------------------------------------------------------
@@ -230,11 +228,11 @@ def test_pose_agreement_is_high_on_the_true_image_and_low_for_a_moved_pose():
 
     for i in range(6):
         img, label = tw.generate_one(21, i)
-        good = tc.pose_agreement(img, label)
+        good = ce.pose_agreement(img, label)
         assert good["iou"] > 0.9 and good["hit"] and good["centroid_distance"] < 1.0, good
         moved = replace(label, pose=replace(label.pose, x=label.pose.x + label.pose.radius,
                                             y=label.pose.y - 0.5 * label.pose.radius))
-        bad = tc.pose_agreement(img, moved)
+        bad = ce.pose_agreement(img, moved)
         assert bad["iou"] < 0.5 and not bad["hit"], bad
 
 
@@ -262,7 +260,7 @@ def test_committed_recipe_validates_and_is_picked_by_castbook_validate(tmp_path)
     from schemas.loader import SpecErrors
 
     path = REPO / "specs" / "toy" / "toy-controlnet.yaml"
-    spec = tc.load_controlnet_spec(path)
+    spec = recipes.load_controlnet_spec(path)
     assert spec.output == "renderer/weights/toy/controlnet" and spec.base == "renderer/weights/toy/sdxl"
     assert spec.eval.seed != spec.data.seed and spec.threads == 1
     assert validate_file(path) == "toy ControlNet recipe"
@@ -275,7 +273,7 @@ def test_committed_recipe_validates_and_is_picked_by_castbook_validate(tmp_path)
     same = tmp_path / "same.yaml"
     same.write_text("steps: 3\ndata: {seed: 4}\neval: {seed: 4}\n")
     with pytest.raises(SpecErrors, match="eval.seed"):
-        tc.load_controlnet_spec(same)
+        recipes.load_controlnet_spec(same)
 
 
 def test_cli_reports_a_missing_recipe(tmp_path, capsys):

@@ -52,7 +52,7 @@ def test_captions_match_labels_and_dataset_layout(tmp_path):
 
 def test_holdouts_never_in_base_set_but_available_on_request(tmp_path):
     base = [tw.sample_label(5, i)[0] for i in range(1500)]
-    assert not any(tw._is_held_out(l.colour, l.shape, l.eyes, tw.HOLDOUT) for l in base)
+    assert not any(tw.is_held_out(l.colour, l.shape, l.eyes, tw.HOLDOUT) for l in base)
     # Both halves of each hold-out still appear, just not together.
     assert any(l.colour == "brown" for l in base) and any(l.shape == "heart" for l in base)
     assert tw.HOLDOUT[0].matches(*tw.CHARACTERS["luca"])

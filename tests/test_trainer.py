@@ -113,7 +113,7 @@ def test_output_has_training_metadata_and_checkpoints_are_pruned(trained):
 
 
 def _job(root: Path, loras=()) -> RenderJob:
-    from renderer.models import builtin_digest
+    from renderer.builtins import builtin_digest
     from schemas.expand import job_key
     from schemas.job import ResolvedModel
 
@@ -151,7 +151,7 @@ def test_lora_header_does_not_depend_on_the_hash_seed():
     import sys
 
     script = (
-        "import json; from peft import LoraConfig; from trainer.train import adapter_config\n"
+        "import json; from peft import LoraConfig; from trainer.models import adapter_config\n"
         f"class Model: peft_config = {{'default': LoraConfig(r=4, target_modules={TEST_TARGETS!r})}}\n"
         "print(json.dumps(adapter_config(Model()), default=list)); "
         "print(json.dumps(Model.peft_config['default'].to_dict(), default=list))\n"
@@ -221,6 +221,7 @@ def test_resume_gives_the_same_loss_curve_as_an_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_samples_render_through_the_renderer_and_report_shows_them(tmp_path):
+    from castbook.commands.train import clip_i_scorer
     from trainer.train import train_lora
 
     root = tmp_path
@@ -234,7 +235,7 @@ def test_samples_render_through_the_renderer_and_report_shows_them(tmp_path):
         evaluation={"references": [ref.relative_to(root).as_posix()], "select_best": "clip_i"},
         output={"name": "s", "folder": "out", "format": "diffusers", "registry": None},
     )
-    result = train_lora(spec, root, progress=False)
+    result = train_lora(spec, root, progress=False, score_images=clip_i_scorer(spec, root))
     assert sorted(result.samples) == [2, 4]
     assert len(result.samples[4]) == 2
     assert set(result.clip_i) == {2, 4} and result.best_step in (2, 4)
@@ -249,7 +250,8 @@ def test_samples_render_through_the_renderer_and_report_shows_them(tmp_path):
 
 
 def _error_of(root: Path, spec: TrainingSpec) -> str:
-    from trainer.train import TrainingError, check_inputs
+    from trainer.data import check_inputs
+    from trainer.errors import TrainingError
 
     with pytest.raises(TrainingError) as err:
         check_inputs(spec, root)
@@ -266,6 +268,8 @@ def test_bad_data_is_reported_before_training(tmp_path):
     assert "broken.png cannot be read" in msg
     assert "orphan.txt has no image" in msg
     assert "nocap.png has no caption file nocap.txt" in msg
+    (tmp_path / "data" / "img1.txt").write_bytes(b"zqx, caf\xe9")  # Latin-1, not UTF-8
+    assert "img1.txt is not UTF-8 text" in _error_of(tmp_path, make_spec())
 
 
 def test_empty_dataset_and_missing_trigger_are_errors(tmp_path):
@@ -307,3 +311,49 @@ def test_buckets_and_crops_keep_aspect_and_record_crop_offsets():
     assert wide[0] > wide[1]
     crop, (top, left) = crop_to(Image.new("RGB", (200, 100)), wide)
     assert crop.size == wide and top == 0 and left > 0
+
+
+def test_clip_i_without_a_scorer_and_a_broken_registry_are_errors_before_any_model_loads(tmp_path):
+    from trainer.errors import TrainingError
+    from trainer.train import Trainer
+
+    make_dataset(tmp_path / "data")
+    (tmp_path / "specs").mkdir()
+    spec = make_spec(samples={"every": 2, "prompts": ["zqx"]},
+                     evaluation={"references": ["data/img0.png"], "select_best": "clip_i"})
+    with pytest.raises(TrainingError, match="select_best: clip_i needs a scorer"):
+        Trainer(spec, tmp_path, render=True, score_images=None)
+    (tmp_path / "specs" / "loras.yaml").write_text("- not\n- a mapping\n")
+    assert "is not a YAML mapping" in _error_of(tmp_path, make_spec())
+    (tmp_path / "specs" / "loras.yaml").write_text("loras: [a, b]\n")
+    assert "`loras:` is not a mapping" in _error_of(tmp_path, make_spec())
+
+
+def test_a_scoring_model_that_cannot_load_is_a_training_error(tmp_path):
+    from castbook.commands.train import clip_i_scorer
+    from trainer.errors import TrainingError
+
+    spec = make_spec(evaluation={"references": ["data/img0.png"], "scoring_model": "ViT-L-14"})
+    with pytest.raises(TrainingError, match="scoring.weights"):
+        clip_i_scorer(spec, tmp_path)
+    assert clip_i_scorer(make_spec(), tmp_path) is None  # no references: nothing to score
+
+
+def test_train_lora_restores_torch_threads_and_global_rng_and_reports_a_damaged_checkpoint(tmp_path):
+    """A library call leaks no process-wide torch setting; --resume on a damaged checkpoint says what to delete."""
+    import torch
+
+    from trainer.errors import TrainingError
+    from trainer.train import train_lora
+
+    make_dataset(tmp_path / "data")
+    spec = make_spec(train={"steps": 2, "threads": 2}, checkpoints={"every": 2},
+                     output={"name": "t", "folder": "out", "format": "diffusers", "registry": None})
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    train_lora(spec, tmp_path, progress=False, render=False)
+    assert torch.get_num_threads() == threads  # the module fixture's 1, not the spec's 2
+    assert torch.equal(torch.get_rng_state(), rng)
+    (tmp_path / "out" / "t.train" / "checkpoints" / "step-000002" / "state.json").write_text("{not json")
+    with pytest.raises(TrainingError, match=r"step-000002 cannot be read .* delete that folder"):
+        train_lora(spec, tmp_path, progress=False, render=False, resume=True)
+    assert torch.get_num_threads() == threads

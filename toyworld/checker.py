@@ -6,9 +6,9 @@ model's 64x64 outputs against the prompt that asked for them:
 1. background: each border pixel votes for the scene whose palette holds its nearest colour (CIELAB);
 2. body: pixels nearest a body colour (vs. that scene's palette, sclera and mouth colours), largest
    connected component; colour = named colour nearest the component's median core colour;
-3. shape: the filled silhouette's radial signature r(theta) around its centroid; rotation-invariant
-   Fourier magnitudes + solidity, nearest to templates drawn from the generator's own outlines;
-   the phase of the shape's symmetry harmonic gives the tilt;
+3. shape (`toyworld.shapes`): the filled silhouette's radial signature r(theta) around its centroid;
+   rotation-invariant Fourier magnitudes + solidity, nearest to templates drawn from the generator's
+   own outlines; the phase of the shape's symmetry harmonic gives the tilt;
 4. face: in the body's own frame (centroid, scale, tilt), pixels are unmixed linearly in RGB into
    body colour + mouth colour (expression: none / arc curving up or down / round "O") and into
    body + sclera + iris colour (eye colour: the iris that explains the eye pixels best).
@@ -16,18 +16,19 @@ model's 64x64 outputs against the prompt that asked for them:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from scipy import ndimage
-from skimage import measure
+from skimage import color
 
+from core.jsonl import read_jsonl
 from toyworld import world as tw
+from toyworld.geometry import FACE
+from toyworld.shapes import SYMMETRY, classify_shape
 
 ATTRIBUTES = ("colour", "shape", "expression", "background", "eyes")
 ALL_THREE = ("colour", "shape", "background")
@@ -40,126 +41,13 @@ IDENTITY = ("colour", "shape")
 
 
 def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """sRGB (0..255, any leading shape, last axis 3) -> CIELAB (D65)."""
-    c = np.asarray(rgb, dtype=np.float64) / 255.0
-    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
-    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
-    xyz = c @ m.T / np.array([0.95047, 1.0, 1.08883])
-    f = np.where(xyz > 216 / 24389, np.cbrt(xyz), (24389 / 27 * xyz + 16) / 116)
-    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+    """sRGB (0..255, any leading shape, last axis 3) -> CIELAB (D65), by scikit-image."""
+    return color.rgb2lab(np.asarray(rgb, dtype=np.float64) / 255.0)
 
 
 def _nearest(lab: np.ndarray, palette_lab: np.ndarray) -> np.ndarray:
     d = ((lab[..., None, :] - palette_lab) ** 2).sum(-1)
     return d.argmin(-1)
-
-
-# --- shape templates --------------------------------------------------------------------------
-
-_N_ANGLES = 90
-_N_HARMONICS = 8
-SYMMETRY = {"circle": 0, "square": 4, "triangle": 3, "star": 5, "heart": 1, "diamond": 2}
-
-
-def _polygon_mask(shape: str, radius: float, tilt: float, size: int = 64) -> np.ndarray:
-    pose = tw.Pose(x=size / 2, y=size / 2, radius=radius, tilt=tilt)
-    img = Image.new("L", (size * 4, size * 4), 0)
-    ImageDraw.Draw(img).polygon(tw._xf(tw._shape_polygon(shape), pose, 4), fill=255)
-    return np.asarray(img.resize((size, size), Image.Resampling.BOX)) >= 128
-
-
-def _signature(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """(r(theta) normalised to mean 1, complex harmonics 0..N, solidity) of a filled mask."""
-    ys, xs = np.nonzero(mask)
-    if len(ys) < 12:
-        return None
-    cy, cx = ys.mean(), xs.mean()
-    padded = np.pad(ndimage.gaussian_filter(mask.astype(float), 0.5), 2)
-    contours = measure.find_contours(padded, 0.5)
-    if not contours:
-        return None
-    pts = max(contours, key=len) - 2  # subpixel outline, (row, col)
-    # Resample the outline densely so every angle bin sees it.
-    seg = np.diff(pts, axis=0)
-    lengths = np.hypot(seg[:, 0], seg[:, 1])
-    t = np.concatenate([[0], np.cumsum(lengths)])
-    if t[-1] <= 0:
-        return None
-    s = np.linspace(0, t[-1], max(int(t[-1] * 8), 64))
-    py, px = np.interp(s, t, pts[:, 0]), np.interp(s, t, pts[:, 1])
-    ang = np.arctan2(py - cy, px - cx)
-    dist = np.hypot(py - cy, px - cx)
-    bins = (((ang + np.pi) / (2 * np.pi)) * _N_ANGLES).astype(int) % _N_ANGLES
-    r = np.zeros(_N_ANGLES)
-    np.maximum.at(r, bins, dist)
-    empty = r == 0
-    if empty.all():
-        return None
-    if empty.any():  # circular interpolation over bins the outline never reached
-        idx = np.arange(_N_ANGLES)
-        good = idx[~empty]
-        r[empty] = np.interp(idx[empty], np.concatenate([good - _N_ANGLES, good, good + _N_ANGLES]), np.tile(r[good], 3))
-    r = r / r.mean()
-    spec = np.fft.rfft(r) / _N_ANGLES
-    hull_area = _hull_area(np.stack([py, px], 1))
-    solidity = float(mask.sum() / hull_area) if hull_area > 0 else 1.0
-    return r, spec, min(solidity, 1.0)
-
-
-def _hull_area(pts: np.ndarray) -> float:
-    from scipy.spatial import ConvexHull
-
-    try:
-        return float(ConvexHull(pts).volume)
-    except Exception:  # degenerate (collinear) outlines
-        return 0.0
-
-
-def _features(spec: np.ndarray, solidity: float) -> np.ndarray:
-    mags = np.abs(spec[1 : _N_HARMONICS + 1]) * 2
-    return np.concatenate([mags * 4.0, [solidity * 2.0]])
-
-
-@dataclass(frozen=True)
-class _Template:
-    shape: str
-    features: np.ndarray
-    phase: complex  # the symmetry harmonic at tilt 0, for tilt estimates
-    unit_area: float  # pixels per radius^2 (mask area / radius^2)
-
-
-@lru_cache(maxsize=1)
-def _templates() -> tuple[_Template, ...]:
-    out = []
-    for shape in tw.SHAPES:
-        k = SYMMETRY[shape]
-        for radius in (14.0, 19.0):
-            base = _signature(_polygon_mask(shape, radius, 0.0))[1]  # type: ignore[index]
-            for tilt in (-12.0, 0.0, 12.0):
-                mask = _polygon_mask(shape, radius, tilt)
-                r, spec, sol = _signature(mask)  # type: ignore[misc]
-                out.append(_Template(shape, _features(spec, sol), complex(base[k]) if k else 0j,
-                                     float(mask.sum()) / radius**2))
-    return tuple(out)
-
-
-def _classify_shape(mask: np.ndarray) -> tuple[str, float, float] | None:
-    """(shape, tilt degrees, radius px) of a filled silhouette, or None when there is no outline."""
-    sig = _signature(mask)
-    if sig is None:
-        return None
-    _, spec, sol = sig
-    f = _features(spec, sol)
-    best = min(_templates(), key=lambda t: float(((t.features - f) ** 2).sum()))
-    k = SYMMETRY[best.shape]
-    tilt = 0.0
-    if k:
-        # r'(theta) = r(theta - tilt): the k-th harmonic's phase turns by -k*tilt.
-        d = np.angle(best.phase) - np.angle(spec[k])
-        d = (d + np.pi) % (2 * np.pi) - np.pi
-        tilt = float(np.degrees(d / k))
-    radius = float(np.sqrt(mask.sum() / best.unit_area))
-    return best.shape, tilt, radius
 
 
 # --- the classifier -----------------------------------------------------------------------------
@@ -258,7 +146,7 @@ def classify(image: Image.Image | np.ndarray) -> Prediction:
     colour = _BODY_NAMES[int(_nearest(rgb_to_lab(body_rgb), _BODY_LAB))]
     filled = ndimage.binary_fill_holes(ndimage.binary_closing(body, iterations=1)) | body
     # 3. shape, tilt and scale from the silhouette
-    sh = _classify_shape(filled)
+    sh = classify_shape(filled)
     if sh is None:
         return Prediction(background, colour, None, None, None)
     shape, tilt, radius = sh
@@ -297,7 +185,7 @@ def _tilt_from_eyes(rgb: np.ndarray, filled: np.ndarray, radius: float) -> float
 
 
 def _classify_mouth(pix, u, v, body_rgb, shape, radius, inner) -> str:
-    edx, ey, er, my, mw = tw.FACE[shape]
+    edx, ey, er, my, mw = FACE[shape]
     region = inner & (v > ey + er * 1.1 + 0.04) & (v < my + mw * 1.3) & (np.abs(u) < mw * 1.6)
     if region.sum() < 3:
         return "neutral"
@@ -323,7 +211,7 @@ def _classify_mouth(pix, u, v, body_rgb, shape, radius, inner) -> str:
 
 
 def _classify_eyes(pix, u, v, body_rgb, shape) -> str | None:
-    edx, ey, er, my, mw = tw.FACE[shape]
+    edx, ey, er, my, mw = FACE[shape]
     centre = np.zeros(len(u), bool)
     ring = np.zeros(len(u), bool)
     for sx in (-edx, edx):
@@ -376,17 +264,6 @@ def classify_file(path: Path) -> Prediction:
         return classify(im)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); fix or remove that line.") from None
-    return rows
-
-
 def _expected_for_job(job: dict) -> dict:
     exp = tw.parse_attributes(job.get("prompt", ""))
     char = job.get("character")
@@ -408,9 +285,9 @@ def load_items(path: Path) -> list[Item]:
     if (path / "plan.jsonl").exists():
         if not (path / "manifest.jsonl").exists():
             raise ValueError(f"{path} has plan.jsonl but no manifest.jsonl: the run never finished a job.")
-        plan = {row["key"]: row for row in _read_jsonl(path / "plan.jsonl")}
+        plan = {row["key"]: row for row in read_jsonl(path / "plan.jsonl")}
         finished = {}
-        for row in _read_jsonl(path / "manifest.jsonl"):  # later lines win (a resumed run)
+        for row in read_jsonl(path / "manifest.jsonl"):  # later lines win (a resumed run)
             if row.get("status") in ("rendered", "cached") and row.get("image"):
                 finished[row["key"]] = row
         items = []
@@ -421,7 +298,7 @@ def load_items(path: Path) -> list[Item]:
     if (path / "labels.jsonl").exists():
         return [
             Item(r["name"], path / f"{r['name']}.png", {k: r[k] for k in ATTRIBUTES if k in r})
-            for r in _read_jsonl(path / "labels.jsonl")
+            for r in read_jsonl(path / "labels.jsonl")
         ]
     items = []
     for png in sorted(path.glob("*.png")):
@@ -501,6 +378,11 @@ def evaluate_path(path: Path, keep_items: bool = False, by_job: bool = False) ->
         out["by_job"] = {job: evaluate((it.image, {"name": it.name, **it.expected}) for it in group)
                          for job, group in sorted(groups.items())}
     return out
+
+
+def accuracy_row(result: dict) -> dict:
+    """`{attribute: accuracy}` of an `evaluate` result."""
+    return {k: v["accuracy"] for k, v in result["attributes"].items()}
 
 
 def format_table(result: dict) -> str:

@@ -17,10 +17,15 @@ from __future__ import annotations
 import json
 import math
 import time
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from pydantic import BaseModel, ConfigDict, Field
+from core.files import atomic_write_text
+from schemas.toy import ClipTrainSpec, ToyClipSpec
+from toyworld.data import toy_images
+from toyworld.export import atomic_save_safetensors, resolve, write_record
+from toyworld.loop import deterministic, seeded, train_loop
 
 MODEL_NAME = "toy-clip"
 CONFIG_FILE = "toy-clip.json"
@@ -35,65 +40,35 @@ TOY_CLIP_CONFIG: dict = {
 }
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ClipDataSpec(_Frozen):
-    seed: int = 0
-    count: int = Field(20000, ge=1)
-    holdout: str = "default"
-    eval_seed: int = 777  # held-out images: another generator seed, never trained on
-    eval_count: int = Field(500, ge=2)
-
-
-class ClipTrainSpec(_Frozen):
-    steps: int = Field(1500, ge=1)
-    batch_size: int = Field(128, ge=2)
-    learning_rate: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(100, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
-    max_minutes: float | None = Field(None, gt=0)
-
-
-class ToyClipSpec(_Frozen):
-    seed: int = 0
-    threads: int = Field(1, ge=1)
-    data: ClipDataSpec = ClipDataSpec()
-    train: ClipTrainSpec = ClipTrainSpec()
-    output: str = "renderer/weights/toy/clip"
-
-
-def load_clip_spec(path: Path) -> ToyClipSpec:
-    from schemas.loader import load_yaml_model
-
-    return load_yaml_model(Path(path), ToyClipSpec)  # type: ignore[return-value]
-
-
 # ----------------------------------------------------------------------------- model
 
 
 def register_config(folder: Path | None = None) -> None:
     """Make `toy-clip` known to open_clip (from a saved folder's JSON, or the built-in dict)."""
-    import tempfile
-
     import open_clip
 
     if folder is not None and (Path(folder) / CONFIG_FILE).exists():
         open_clip.add_model_config(Path(folder) / CONFIG_FILE)
         return
-    tmp = Path(tempfile.mkdtemp(prefix="toy-clip-cfg-"))
-    (tmp / CONFIG_FILE).write_text(json.dumps(TOY_CLIP_CONFIG))
-    open_clip.add_model_config(tmp / CONFIG_FILE)
+    open_clip.add_model_config(_builtin_config_file())
+
+
+@lru_cache(maxsize=1)
+def _builtin_config_file() -> Path:
+    """`TOY_CLIP_CONFIG` as a file (open_clip registers configs from files): one per process."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="toy-clip-cfg-")) / CONFIG_FILE
+    path.write_text(json.dumps(TOY_CLIP_CONFIG))
+    return path
 
 
 def build_model(seed: int = 0):
     import open_clip
-    import torch
 
     register_config()
-    torch.manual_seed(seed)
-    return open_clip.create_model(MODEL_NAME, pretrained=None)
+    with seeded(seed):
+        return open_clip.create_model(MODEL_NAME, pretrained=None)
 
 
 def tokenizer():
@@ -126,6 +101,16 @@ def contrastive_loss(model, images, tokens, caption_ids):
     return (loss_i + loss_t) / 2
 
 
+def clip_lr(spec: ClipTrainSpec, total: int):
+    """Linear warm-up times cosine decay to zero over `total` steps."""
+
+    def lr_at(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, spec.warmup_steps))
+        return spec.learning_rate * warm * 0.5 * (1 + math.cos(math.pi * step / total))
+
+    return lr_at
+
+
 def train_clip(images_u8, captions: list[str], spec: ClipTrainSpec, seed: int,
                log: Callable[[str], None] = print, steps: int | None = None):
     """Returns (model, losses, steps_done, seconds)."""
@@ -140,35 +125,27 @@ def train_clip(images_u8, captions: list[str], spec: ClipTrainSpec, seed: int,
     cap_ids = torch.tensor([pos[c] for c in captions])
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    # lr: train_loop sets it from clip_lr
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": spec.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=spec.learning_rate)
+                             {"params": no_decay, "weight_decay": 0.0}], lr=1.0)
     g = torch.Generator().manual_seed(seed + 3)
     total = spec.steps if steps is None else steps
-    losses, t0, done = [], time.time(), 0
-    for step in range(total):
-        if spec.max_minutes and time.time() - t0 > spec.max_minutes * 60:
-            log(f"clip: stopping at step {step}/{total}: max_minutes={spec.max_minutes} reached")
-            break
-        warm = min(1.0, (step + 1) / max(1, spec.warmup_steps))
-        lr = spec.learning_rate * warm * 0.5 * (1 + math.cos(math.pi * step / total))
-        for group in opt.param_groups:
-            group["lr"] = lr
+
+    def step_loss(step: int):
         idx = torch.randint(0, len(images_u8), (spec.batch_size,), generator=g)
         ids = cap_ids[idx]
-        loss = contrastive_loss(model, normalize(images_u8[idx]), all_tokens[ids], ids)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        return contrastive_loss(model, normalize(images_u8[idx]), all_tokens[ids], ids)
+
+    def clamp_temperature() -> None:
         with torch.no_grad():  # CLIP's clamp of the learnt temperature
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(loss.item())
-        done = step + 1
-        if step % 50 == 0 or done == total:
-            log(f"clip step {done}/{total} loss(avg50) {sum(losses[-50:]) / len(losses[-50:]):.4f} "
-                f"lr {lr:.2e} {time.time() - t0:.0f}s")
+
+    # Gradient clipping over model.parameters() in that order: the norm's sum order changes its bits.
+    run = train_loop(step_loss, opt, clip_lr(spec, total), total, clip_params=list(model.parameters()),
+                     name="clip", log=log, log_every=50, batch_size=spec.batch_size, after_step=clamp_temperature,
+                     max_minutes=spec.max_minutes)
     model.eval()
-    return model, losses, done, time.time() - t0
+    return model, run.losses, run.done, run.seconds
 
 
 def retrieval_accuracy(model, images_u8, captions: list[str], batch: int = 256) -> dict:
@@ -200,24 +177,13 @@ def retrieval_accuracy(model, images_u8, captions: list[str], batch: int = 256) 
 
 def save_clip(model, folder: Path) -> None:
     """`toy-clip.json` + fp16 `open_clip_model.safetensors`, each written atomically."""
-    import os
-    import tempfile
-
     import torch
-
-    from toyworld.base import atomic_save_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     sd = {k: (v.to(torch.float16) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     atomic_save_safetensors(sd, folder / WEIGHTS_FILE)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{CONFIG_FILE}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(TOY_CLIP_CONFIG, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, folder / CONFIG_FILE)
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(TOY_CLIP_CONFIG, indent=2, sort_keys=True) + "\n")
 
 
 def load_toy_clip(folder: Path):
@@ -237,17 +203,19 @@ def load_toy_clip(folder: Path):
 
 def run_clip(spec: ToyClipSpec, root: Path, log: Callable[[str], None] = print) -> dict:
     """Generate data, train, save to `root/spec.output`, measure retrieval. Returns the record."""
+    with deterministic(spec.seed, spec.threads):
+        return _run_clip(spec, root, log)
+
+
+def _run_clip(spec: ToyClipSpec, root: Path, log: Callable[[str], None]) -> dict:
     import torch
 
-    from toyworld.base import set_determinism, toy_images
-
-    set_determinism(spec.seed, spec.threads)
     t_start = time.time()
     images, captions = toy_images(spec.data.count, spec.data.seed, 64, spec.data.holdout)
     ev_images, ev_captions = toy_images(spec.data.eval_count, spec.data.eval_seed, 64, spec.data.holdout)
     t_data = time.time() - t_start
     model, losses, done, secs = train_clip(images, captions, spec.train, spec.seed, log)
-    out = (root / spec.output) if not Path(spec.output).is_absolute() else Path(spec.output)
+    out = resolve(root, spec.output)
     save_clip(model, out)
     loaded, _, _ = load_toy_clip(out)  # measure what was saved (fp16 weights)
     acc = retrieval_accuracy(loaded, ev_images, ev_captions)
@@ -262,5 +230,5 @@ def run_clip(spec: ToyClipSpec, root: Path, log: Callable[[str], None] = print) 
         "torch": torch.__version__,
     }
     log("clip retrieval: " + json.dumps(acc))
-    (out.parent / f"{out.name}.training.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_record(out, record)
     return record

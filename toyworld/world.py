@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from core.files import atomic_write_bytes
+from toyworld.geometry import FACE, SHAPES, SUPERSAMPLE, Pose, arc_band, body_outline, ellipse_points, to_pixels
 
 # --- the vocabulary ---------------------------------------------------------------
 
@@ -39,7 +41,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "pink": (245, 110, 185),
     "brown": (120, 70, 30),
 }
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "heart", "diamond")
+# SHAPES, their outlines and the face layout (FACE) are in toyworld.geometry.
 EYE_COLOURS: dict[str, tuple[int, int, int]] = {
     "green": (20, 170, 60),
     "blue": (30, 90, 230),
@@ -115,14 +117,6 @@ CHARACTERS: dict[str, tuple[str, str, str]] = {
     "alberto": ("orange", "star", "brown"),
     "giulia": ("pink", "diamond", "blue"),
 }
-
-
-@dataclass(frozen=True)
-class Pose:
-    x: float  # centre, pixels
-    y: float
-    radius: float  # pixels (the shape's nominal radius)
-    tilt: float  # degrees, positive = clockwise on screen
 
 
 @dataclass(frozen=True)
@@ -240,81 +234,11 @@ def character_filter(name: str) -> Filter:
     return Filter(colours=frozenset([c]), shapes=frozenset([s]), eyes=frozenset([e]))
 
 
-# --- geometry -----------------------------------------------------------------------
-
-
-def _shape_polygon(shape: str) -> np.ndarray:
-    """Unit-radius outline (N,2), y down, area centroid at the origin."""
-    if shape == "circle":
-        t = np.linspace(0, 2 * np.pi, 96, endpoint=False)
-        pts = np.stack([np.cos(t), np.sin(t)], 1)
-    elif shape == "square":
-        h = 0.85
-        pts = np.array([[-h, -h], [h, -h], [h, h], [-h, h]])
-    elif shape == "triangle":
-        t = -np.pi / 2 + np.arange(3) * 2 * np.pi / 3
-        pts = 1.15 * np.stack([np.cos(t), np.sin(t)], 1)
-    elif shape == "star":
-        t = -np.pi / 2 + np.arange(10) * np.pi / 5
-        r = np.where(np.arange(10) % 2 == 0, 1.15, 0.58)
-        pts = np.stack([r * np.cos(t), r * np.sin(t)], 1)
-    elif shape == "heart":
-        t = np.linspace(0, 2 * np.pi, 120, endpoint=False)
-        x = 16 * np.sin(t) ** 3
-        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
-        pts = np.stack([x, y], 1) / 15.0
-    elif shape == "diamond":
-        pts = np.array([[0, -1.15], [0.72, 0], [0, 1.15], [-0.72, 0]])
-    else:
-        raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
-    return pts - _polygon_centroid(pts)
-
-
-def _polygon_centroid(pts: np.ndarray) -> np.ndarray:
-    x, y = pts[:, 0], pts[:, 1]
-    xn, yn = np.roll(x, -1), np.roll(y, -1)
-    cross = x * yn - xn * y
-    a = cross.sum() / 2
-    return np.array([((x + xn) * cross).sum() / (6 * a), ((y + yn) * cross).sum() / (6 * a)])
-
-
-# Face layout per shape in unit coordinates: (eye dx, eye y, eye radius, mouth y, mouth half-width).
-# Chosen so eyes and mouth sit well inside each outline (stars and triangles are narrow).
-FACE: dict[str, tuple[float, float, float, float, float]] = {
-    "circle": (0.32, -0.22, 0.2, 0.33, 0.26),
-    "square": (0.32, -0.22, 0.2, 0.33, 0.26),
-    "triangle": (0.22, -0.1, 0.17, 0.3, 0.2),
-    "star": (0.2, -0.15, 0.15, 0.25, 0.18),
-    "heart": (0.3, -0.2, 0.19, 0.3, 0.22),
-    "diamond": (0.2, -0.15, 0.17, 0.3, 0.18),
-}
-
-_SS = 4  # supersampling factor: draw large, downsample with a box filter for anti-aliasing
-
-
-def _xf(pts: np.ndarray, pose: Pose, k: float) -> list[tuple[float, float]]:
-    """Unit coords -> supersampled pixel coords (scale, rotate by tilt, translate)."""
-    a = math.radians(pose.tilt)
-    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-    p = (pts @ rot.T) * pose.radius + np.array([pose.x, pose.y])
-    return [(float(x) * k, float(y) * k) for x, y in p]
-
-
-def _ellipse_pts(cx: float, cy: float, rx: float, ry: float, n: int = 40) -> np.ndarray:
-    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    return np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], 1)
-
-
-def _arc_band(cx: float, cy: float, rx: float, ry: float, thick: float, lower: bool) -> np.ndarray:
-    """A thick arc polygon: the lower (smile) or upper (frown) half of an ellipse."""
-    t = np.linspace(0, np.pi, 24) if lower else np.linspace(np.pi, 2 * np.pi, 24)
-    outer = np.stack([cx + (rx + thick / 2) * np.cos(t), cy + (ry + thick / 2) * np.sin(t)], 1)
-    inner = np.stack([cx + (rx - thick / 2) * np.cos(t), cy + (ry - thick / 2) * np.sin(t)], 1)
-    return np.concatenate([outer, inner[::-1]], 0)
+# --- drawing -------------------------------------------------------------------------
 
 
 def _draw_background(draw: ImageDraw.ImageDraw, scene: str, size: int, rng: np.random.Generator) -> None:
-    k = _SS
+    k = SUPERSAMPLE
     W = size * k
     pal = SCENE_PALETTES[scene]
 
@@ -377,25 +301,25 @@ def render(colour: str, shape: str, eyes: str, expression: str, background: str,
            size: int = 64, rng: np.random.Generator | None = None) -> Image.Image:
     """Draw one character on one scene. ``rng`` only varies background details."""
     rng = rng if rng is not None else np.random.default_rng(0)
-    k = _SS
+    k = SUPERSAMPLE
     img = Image.new("RGB", (size * k, size * k))
     draw = ImageDraw.Draw(img)
     # 1. the scene
     _draw_background(draw, background, size, rng)
     # 2. the body
-    draw.polygon(_xf(_shape_polygon(shape), pose, k), fill=COLOURS[colour])
+    draw.polygon(body_outline(shape, pose, k), fill=COLOURS[colour])
     # 3. eyes: white sclera, coloured iris, in the face frame (tilts with the body)
     edx, ey, er, my, mw = FACE[shape]
     for sx in (-edx, edx):
-        draw.polygon(_xf(_ellipse_pts(sx, ey, er, er * 1.1), pose, k), fill=SCLERA)
-        draw.polygon(_xf(_ellipse_pts(sx, ey + er * 0.1, er * 0.58, er * 0.64), pose, k), fill=EYE_COLOURS[eyes])
+        draw.polygon(to_pixels(ellipse_points(sx, ey, er, er * 1.1), pose, k), fill=SCLERA)
+        draw.polygon(to_pixels(ellipse_points(sx, ey + er * 0.1, er * 0.58, er * 0.64), pose, k), fill=EYE_COLOURS[eyes])
     # 4. mouth
     if expression == "happy":
-        draw.polygon(_xf(_arc_band(0, my - mw * 0.35, mw, mw * 0.7, 0.11, lower=True), pose, k), fill=MOUTH)
+        draw.polygon(to_pixels(arc_band(0, my - mw * 0.35, mw, mw * 0.7, 0.11, lower=True), pose, k), fill=MOUTH)
     elif expression == "sad":
-        draw.polygon(_xf(_arc_band(0, my + mw * 0.45, mw, mw * 0.7, 0.11, lower=False), pose, k), fill=MOUTH)
+        draw.polygon(to_pixels(arc_band(0, my + mw * 0.45, mw, mw * 0.7, 0.11, lower=False), pose, k), fill=MOUTH)
     elif expression == "surprised":
-        draw.polygon(_xf(_ellipse_pts(0, my, mw * 0.5, mw * 0.6), pose, k), fill=MOUTH)
+        draw.polygon(to_pixels(ellipse_points(0, my, mw * 0.5, mw * 0.6), pose, k), fill=MOUTH)
     elif expression != "neutral":
         raise ValueError(f"unknown expression {expression!r}; choose one of {EXPRESSIONS}")
     return img.resize((size, size), Image.Resampling.BOX)
@@ -404,14 +328,14 @@ def render(colour: str, shape: str, eyes: str, expression: str, background: str,
 def pose_map(shape: str, pose: Pose, size: int = 64) -> Image.Image:
     """The character's outline as a white line (~1.5 px) on black: a drawn pose map.
 
-    Same geometry as ``render``'s body (``_shape_polygon`` through ``_xf``), drawn at ``_SS``x
+    Same geometry as ``render``'s body (``geometry.body_outline``), drawn at ``SUPERSAMPLE``x
     and box-downsampled like it, so the line lies on the border of the rendered body. This is
     what ``builtin:toy-controlnet`` is trained on (through a canny control); a user can draw
     the same thing by hand.
     """
-    k = _SS
+    k = SUPERSAMPLE
     img = Image.new("RGB", (size * k, size * k), (0, 0, 0))
-    pts = _xf(_shape_polygon(shape), pose, k)
+    pts = body_outline(shape, pose, k)
     # A closed line centred on the border (polygon(outline=..., width=...) would draw inside it).
     ImageDraw.Draw(img).line(pts + pts[:1], fill=(255, 255, 255), width=round(1.5 * k), joint="curve")
     return img.resize((size, size), Image.Resampling.BOX)
@@ -420,7 +344,8 @@ def pose_map(shape: str, pose: Pose, size: int = 64) -> Image.Image:
 # --- sampling -------------------------------------------------------------------------
 
 
-def _is_held_out(colour: str, shape: str, eyes: str, holdout: tuple[Holdout, ...]) -> bool:
+def is_held_out(colour: str, shape: str, eyes: str, holdout: tuple[Holdout, ...] = HOLDOUT) -> bool:
+    """True when any hold-out matches this colour, shape and eye colour."""
     return any(h.matches(colour, shape, eyes) for h in holdout)
 
 
@@ -443,7 +368,7 @@ def sample_label(seed: int, index: int, size: int = 64, holdout: tuple[Holdout, 
         colour = pick(only.colours, COLOURS)
         shape = pick(only.shapes, SHAPES)
         eyes = pick(only.eyes, EYE_COLOURS)
-        if not _is_held_out(colour, shape, eyes, active_holdout):
+        if not is_held_out(colour, shape, eyes, active_holdout):
             break
     else:  # pragma: no cover - only reachable with a hold-out list that covers everything
         raise ValueError("every colour/shape/eyes combination is held out; shorten the hold-out list")
@@ -477,12 +402,6 @@ def png_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    from core.files import atomic_write_bytes  # the one atomic-write implementation
-
-    atomic_write_bytes(path, data)
-
-
 def generate_dataset(out: Path, count: int, seed: int, size: int = 64, holdout: tuple[Holdout, ...] = HOLDOUT,
                      only: Filter | None = None, prefix: str = "toy", trigger: str | None = None) -> list[ToyLabel]:
     """Write ``name.png`` + ``name.txt`` (caption) per image and ``labels.jsonl`` into ``out``.
@@ -499,11 +418,11 @@ def generate_dataset(out: Path, count: int, seed: int, size: int = 64, holdout: 
         img, label = generate_one(seed, i, size, holdout, only, prefix)
         if trigger:
             label = replace(label, caption=f"{trigger}, {label.caption}")
-        _atomic_write(out / f"{label.name}.png", png_bytes(img))
-        _atomic_write(out / f"{label.name}.txt", (label.caption + "\n").encode())
+        atomic_write_bytes(out / f"{label.name}.png", png_bytes(img))
+        atomic_write_bytes(out / f"{label.name}.txt", (label.caption + "\n").encode())
         labels.append(label)
     lines = "".join(json.dumps(l.to_json(), sort_keys=True) + "\n" for l in labels)
-    _atomic_write(out / "labels.jsonl", lines.encode())
+    atomic_write_bytes(out / "labels.jsonl", lines.encode())
     return labels
 
 

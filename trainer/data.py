@@ -1,4 +1,5 @@
-"""Training data: scan folders, check them before any model loads, bucket and crop images.
+"""Training data: scan folders, check them before any model loads, bucket and crop images,
+and the seeded data order.
 
 Pure where possible: scanning returns plain records and a list of problems; image
 preparation is a function of (file, target size). No torch at import time.
@@ -7,15 +8,19 @@ preparation is a function of (file, target size). No torch at import time.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from core.digests import file_digest
-from core.errors import CastbookError
+from schemas.training import TrainingSpec
+from trainer.errors import TrainingError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -28,14 +33,6 @@ class DataItem:
     width: int
     height: int
     is_class: bool = False  # prior-preservation image
-
-
-class DatasetError(CastbookError):
-    """Every problem found in the training data, reported together before training starts."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("training data has problems:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def scan_folder(
@@ -66,7 +63,11 @@ def scan_folder(
             continue
         txt = img.with_suffix(".txt")
         if txt.exists():
-            caption = txt.read_text(encoding="utf-8").strip()
+            try:
+                caption = txt.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError as err:
+                problems.append(f"caption {txt} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8")
+                continue
         elif class_prompt is not None:
             caption = class_prompt
         else:
@@ -98,6 +99,78 @@ def dataset_digest(items: list[DataItem]) -> str:
     for it in sorted(items, key=lambda i: (i.is_class, i.digest, i.caption)):
         h.update(f"{int(it.is_class)}:{it.digest}:{it.caption}\n".encode())
     return h.hexdigest()
+
+
+def spec_hash(spec: TrainingSpec) -> str:
+    """Identity of a training spec; a checkpoint resumes only under the spec that made it."""
+    # Not core.digests.canonical_json: its separators differ, and every existing checkpoint
+    # would stop resuming.
+    return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class Prepared:
+    items: list[DataItem]
+    class_items: list[DataItem]
+    dataset_digest: str
+    spec_hash: str
+
+
+def check_inputs(spec: TrainingSpec, root: Path) -> Prepared:
+    """Step 1 of training: every data/path problem, gathered into one TrainingError, before torch
+    or a model is touched."""
+    problems: list[str] = []
+    items: list[DataItem] = []
+    for folder in spec.dataset.folders:
+        found, probs = scan_folder(root / folder.path)
+        problems += probs
+        items += found * folder.repeats
+        if not found and not probs:
+            problems.append(f"dataset folder {root / folder.path} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+    if spec.dataset.require_trigger:
+        problems += check_triggers(list({i.path: i for i in items}.values()), spec.dataset.caption_prefix,
+                                   spec.dataset.trigger)
+    class_items: list[DataItem] = []
+    pp = spec.prior_preservation
+    if pp is not None:
+        class_items, probs = scan_folder(root / pp.folder, class_prompt=pp.class_prompt, is_class=True)
+        problems += probs
+        if not class_items and not probs:
+            problems.append(f"prior_preservation.folder {root / pp.folder} has no images")
+    if not items and not problems:
+        problems.append("the dataset is empty: dataset.folders contain no images")
+    for ref in spec.evaluation.references:
+        if not (root / ref).is_file():
+            problems.append(f"evaluation reference image {root / ref} does not exist")
+    if spec.samples is not None and not spec.samples.seeds:
+        problems.append("samples.seeds is empty; give at least one seed (each prompt is rendered once per seed)")
+    if spec.samples is None and spec.evaluation.select_best == "clip_i":
+        problems.append("evaluation.select_best: clip_i needs `samples` (prompts to render at each checkpoint)")
+    if spec.output.registry:
+        problems += check_registry(root / spec.output.registry)
+    if problems:
+        raise TrainingError(problems)
+    return Prepared(items, class_items, dataset_digest(items + class_items), spec_hash(spec))
+
+
+def check_registry(registry: Path) -> list[str]:
+    """Problems that would stop `output.registry` from taking the trained LoRA's entry at the end."""
+    if not registry.parent.is_dir():
+        return [f"output.registry {registry}: its folder does not exist"]
+    if not registry.exists():
+        return []
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    try:
+        doc = YAML(typ="safe").load(registry.read_text(encoding="utf-8"))
+    except (YAMLError, UnicodeDecodeError) as e:
+        return [f"output.registry {registry} is not valid YAML ({e}); fix it or point output.registry elsewhere"]
+    if doc is not None and not isinstance(doc, dict):
+        return [f"output.registry {registry} is not a YAML mapping; expected a top-level `loras:` section"]
+    if doc and doc.get("loras") is not None and not isinstance(doc["loras"], dict):
+        return [f"output.registry {registry}: `loras:` is not a mapping of name -> entry"]
+    return []
 
 
 # ---------------------------------------------------------------------------
@@ -154,3 +227,30 @@ def crop_to(image: Image.Image, target: tuple[int, int]) -> tuple[Image.Image, t
     resized = image.convert("RGB").resize((rw, rh), Image.Resampling.LANCZOS)
     top, left = (rh - th) // 2, (rw - tw) // 2
     return resized.crop((left, top, left + tw, top + th)), (top, left)
+
+
+# ---------------------------------------------------------------------------
+# Data order: seeded per epoch, so a resumed run draws what the straight run drew
+# ---------------------------------------------------------------------------
+
+
+def step_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed for one (step, micro-batch, ...) draw, independent of the others."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, *parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def epoch_batches(n_items_by_bucket: dict[Any, list[int]], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of item indices for one epoch; every batch holds one bucket's items."""
+    rng = random.Random(step_seed(seed, 1_000_003, epoch))
+    batches: list[list[int]] = []
+    for bucket in sorted(n_items_by_bucket):
+        idx = list(n_items_by_bucket[bucket])
+        rng.shuffle(idx)
+        # The last short batch is padded by wrapping around, so every batch is full.
+        for start in range(0, len(idx), batch_size):
+            b = idx[start : start + batch_size]
+            while len(b) < batch_size:
+                b.append(idx[(len(b) + start) % len(idx)])
+            batches.append(b)
+    rng.shuffle(batches)
+    return batches

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from core.files import atomic_write_bytes, atomic_write_text
+from core.files import atomic_write_bytes, atomic_write_text, new_temp_folder
+from trainer.errors import TrainingError
 
 REGISTRY_SECTION = "loras"
 
@@ -30,15 +30,15 @@ def _with_metadata(src: Path, dst: Path, extra: dict[str, str]) -> None:
     atomic_write_bytes(dst, save(tensors, metadata=meta))
 
 
-def save_diffusers_lora(trainer, dst: Path, layers: dict[str, dict], metadata: dict[str, str]) -> Path:
-    """`layers` = {"unet": ..., "text_encoder": ..., "text_encoder_2": ...} in diffusers format."""
+def save_diffusers_lora(dst: Path, layers: dict[str, dict], configs: dict[str, dict], metadata: dict[str, str]) -> Path:
+    """Write `layers` ({"unet": ..., "text_encoder": ..., "text_encoder_2": ...}, peft naming) to `dst`
+    with diffusers' writer, their peft configs (`configs`, same keys) and castbook's `metadata` in the header."""
     from diffusers import StableDiffusionXLPipeline
 
-    configs = trainer.adapter_configs()
-    tmp = Path(tempfile.mkdtemp(prefix=".lora-", dir=dst.parent if dst.parent.exists() else None))
+    scratch = new_temp_folder(dst)  # diffusers writes a folder; only its one file is kept
     try:
         StableDiffusionXLPipeline.save_lora_weights(
-            tmp,
+            scratch,
             unet_lora_layers=layers["unet"],
             text_encoder_lora_layers=layers.get("text_encoder"),
             text_encoder_2_lora_layers=layers.get("text_encoder_2"),
@@ -47,9 +47,9 @@ def save_diffusers_lora(trainer, dst: Path, layers: dict[str, dict], metadata: d
             text_encoder_2_lora_adapter_metadata=configs.get("text_encoder_2"),
             weight_name="lora.safetensors",
         )
-        _with_metadata(tmp / "lora.safetensors", dst, metadata)
+        _with_metadata(scratch / "lora.safetensors", dst, metadata)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     return dst
 
 
@@ -93,36 +93,23 @@ def register_lora(registry: Path, name: str, entry: dict) -> None:
     if doc is None:
         doc = CommentedMap()
     if not isinstance(doc, dict):
-        raise ValueError(f"registry {registry} is not a YAML mapping; expected a top-level `loras:` section")
+        raise TrainingError(f"output.registry {registry} is not a YAML mapping; expected a top-level `loras:` section")
     section = doc.get(REGISTRY_SECTION)
     if section is None:
         section = CommentedMap()
         doc[REGISTRY_SECTION] = section
     if not isinstance(section, dict):
-        raise ValueError(f"registry {registry}: `{REGISTRY_SECTION}:` is not a mapping of name -> entry")
-    value = CommentedMap(entry)
-    if name in section:
-        section[name] = value  # replaced in place: keeps its position
-    else:
-        section[name] = value
+        raise TrainingError(f"output.registry {registry}: `{REGISTRY_SECTION}:` is not a mapping of name -> entry")
+    section[name] = CommentedMap(entry)  # an existing entry is replaced in place: it keeps its position
     buf = StringIO()
     yaml.dump(doc, buf)
     atomic_write_bytes(registry, buf.getvalue().encode("utf-8"))
 
 
-def finish(trainer, result) -> None:
-    """Write the final LoRA (best or last), kohya on request, and the registry entry."""
-    from trainer.checkpoint import list_checkpoints
-    from trainer.train import CHECKPOINT_PREFIX
-
+def finish(trainer, result, src: Path, best: int | None) -> None:
+    """Write the final LoRA from `src` (the file of step `best`, or of the last step when None),
+    kohya on request, the registry entry and training.json."""
     spec, paths = trainer.spec, trainer.paths
-    best = None
-    if spec.evaluation.select_best == "clip_i" and trainer.clip_i:
-        best = max(trainer.clip_i, key=lambda s: (trainer.clip_i[s], s))
-    if best is not None:
-        src = paths.samples / f"{CHECKPOINT_PREFIX}{best:06d}" / "lora.safetensors"
-    else:
-        src = list_checkpoints(paths.checkpoints)[-1] / "lora.safetensors"
     meta = trainer.header_metadata()
     meta["castbook.steps"] = str(best if best is not None else trainer.step)
     meta["castbook.selected"] = f"clip_i best (step {best})" if best is not None else "last"

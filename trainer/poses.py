@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -19,10 +21,11 @@ from typing import Callable
 import numpy as np
 from jinja2 import Environment
 from PIL import Image, ImageDraw
+from scipy.cluster.vq import kmeans2
 
 from core.files import atomic_write_bytes, atomic_write_text
 from trainer.data import IMAGE_EXTENSIONS
-from trainer.prepare import PrepareError
+from trainer.errors import PrepareError
 
 NECK, R_HIP, L_HIP = 1, 8, 11
 N_POINTS = 18
@@ -88,26 +91,18 @@ def features(normalized: list[np.ndarray]) -> np.ndarray:
 
 
 def kmeans(x: np.ndarray, k: int, *, seed: int = 0, n_init: int = 8, iters: int = 100) -> tuple[np.ndarray, float]:
-    """Labels and inertia of the best of `n_init` k-means++ runs (deterministic for a seed)."""
+    """Labels and inertia of the best of `n_init` k-means++ runs (scipy's `kmeans2`; deterministic for a seed)."""
     if not 1 <= k <= len(x):
         raise PrepareError(f"cannot make {k} pose clusters from {len(x)} poses; use --clusters between 1 and {len(x)}")
     rng = np.random.default_rng(seed)
     best: tuple[np.ndarray, float] | None = None
     for _ in range(n_init):
-        centres = [x[rng.integers(len(x))]]
-        for _ in range(1, k):
-            d2 = np.min(((x[:, None] - np.array(centres)[None]) ** 2).sum(-1), axis=1)
-            p = d2 / d2.sum() if d2.sum() > 0 else np.full(len(x), 1 / len(x))
-            centres.append(x[rng.choice(len(x), p=p)])
-        c = np.array(centres)
-        for _ in range(iters):
-            labels = ((x[:, None] - c[None]) ** 2).sum(-1).argmin(1)
-            new = np.array([x[labels == j].mean(0) if np.any(labels == j) else c[j] for j in range(k)])
-            if np.allclose(new, c):
-                break
-            c = new
-        labels = ((x[:, None] - c[None]) ** 2).sum(-1).argmin(1)
-        inertia = float(((x - c[labels]) ** 2).sum())
+        # Duplicate poses can leave k-means++ nothing to choose from (0/0 weights) or a cluster
+        # empty; scipy warns and keeps that centre, and the inertia comparison below decides.
+        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+            warnings.simplefilter("ignore")
+            centres, labels = kmeans2(x, k, iter=iters, minit="++", seed=rng)
+        inertia = float(((x - centres[labels]) ** 2).sum())
         if best is None or inertia < best[1]:
             best = (labels, inertia)
     return best
@@ -198,7 +193,11 @@ def openpose_detector(folder: Path) -> Detector:
     """Detector from controlnet-aux (imported lazily: heavy, and only --poses needs it)."""
     from controlnet_aux import OpenposeDetector
 
-    model = OpenposeDetector.from_pretrained(str(folder))  # local trusted folder only (checked above)
+    try:
+        model = OpenposeDetector.from_pretrained(str(folder))  # local trusted folder only (checked above)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:  # damaged or wrong files
+        raise PrepareError(f"the annotator files in --annotator {folder} cannot be loaded ({e}); replace "
+                           f"{', '.join(ANNOTATOR_FILES)} with intact copies (from lllyasviel/Annotators)") from e
 
     def detect(image: Image.Image) -> list[np.ndarray]:
         arr = np.asarray(image.convert("RGB"))

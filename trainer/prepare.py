@@ -11,6 +11,7 @@ Never touches the input folder. Steps, each recorded per file in `prepare.json` 
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,15 +19,12 @@ from pathlib import Path
 import numpy as np
 from jinja2 import Environment
 from PIL import Image, UnidentifiedImageError
+from scipy.ndimage import laplace
 
 from core.digests import file_digest
-from core.errors import CastbookError
 from core.files import atomic_write_bytes, atomic_write_text
 from trainer.data import IMAGE_EXTENSIONS, crop_to, make_buckets, nearest_bucket
-
-
-class PrepareError(CastbookError):
-    pass
+from trainer.errors import PrepareError
 
 
 @dataclass(frozen=True)
@@ -62,12 +60,12 @@ def dhash(image: Image.Image) -> int:
 
 
 def laplacian_variance(image: Image.Image) -> float:
-    """Variance of the 4-neighbour Laplacian of the grey image (0-255): low means blurred."""
+    """Variance of the 4-neighbour Laplacian of the grey image (0-255) over the interior pixels
+    (the border's value would depend on a padding rule): low means blurred."""
     g = np.asarray(image.convert("L"), dtype=np.float64)
     if g.shape[0] < 3 or g.shape[1] < 3:
         return 0.0
-    lap = -4 * g[1:-1, 1:-1] + g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:]
-    return float(lap.var())
+    return float(laplace(g)[1:-1, 1:-1].var())
 
 
 def prepare_dataset(src: Path, out: Path, options: PrepareOptions = PrepareOptions()) -> dict:
@@ -128,11 +126,15 @@ def prepare_dataset(src: Path, out: Path, options: PrepareOptions = PrepareOptio
         if not txt.exists():
             rec.warnings.append("no caption file")
         else:
-            rec.caption = txt.read_text(encoding="utf-8").strip()
-            if not rec.caption:
-                rec.warnings.append("empty caption")
-            elif options.trigger and options.trigger not in rec.caption:
-                rec.warnings.append(f"caption lacks the trigger word {options.trigger!r}")
+            try:
+                rec.caption = txt.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError as err:
+                rec.warnings.append(f"caption is not UTF-8 text ({err.reason} at byte {err.start}); not copied")
+            else:
+                if not rec.caption:
+                    rec.warnings.append("empty caption")
+                elif options.trigger and options.trigger not in rec.caption:
+                    rec.warnings.append(f"caption lacks the trigger word {options.trigger!r}")
         if rec.reasons:
             rec.status = "dropped"
             continue
@@ -140,8 +142,6 @@ def prepare_dataset(src: Path, out: Path, options: PrepareOptions = PrepareOptio
         # 5. bucket crop
         rec.bucket = nearest_bucket(w, h, buckets)
         crop, _ = crop_to(image, rec.bucket)
-        import io
-
         buf = io.BytesIO()
         crop.save(buf, format="PNG")
         atomic_write_bytes(out / f"{path.stem}.png", buf.getvalue())

@@ -3,20 +3,40 @@
 The trainer does not sample by itself: it writes the current LoRA to a file, builds
 ordinary `RenderJob`s that use it, and asks the renderer for pixels. So a sample shows
 exactly what `castbook render` will show with that LoRA.
+
+Scoring is passed in, not imported: the trainer gets a `ScoreImages` callable (sample
+images, reference images -> mean CLIP-I) from its caller; `castbook train` builds one from
+`reports.metrics`.
 """
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Callable
 
+from core.digests import file_digest
 from core.files import atomic_write_bytes
+from schemas.expand import job_key
 from schemas.job import RenderJob, ResolvedLora
+from schemas.training import TrainingSpec
+from trainer.export import save_diffusers_lora
+
+# (sample images, reference images) -> mean CLIP-I of the samples to the references.
+ScoreImages = Callable[[list[Path], list[Path]], float]
+# (spec, project root) -> the scorer for that spec's `evaluation` settings, or None without references.
+# A module-level function crosses to a Ray worker by reference, where it builds the scorer.
+MakeScorer = Callable[[TrainingSpec, Path], "ScoreImages | None"]
+
+SAMPLE_PREFIX = "step-"
+
+
+def sample_folder(samples: Path, step: int) -> Path:
+    """Where the samples of `step` and the LoRA file they were rendered with are written."""
+    return samples / f"{SAMPLE_PREFIX}{step:06d}"
 
 
 def sample_jobs(trainer, lora_path: Path, lora_digest: str) -> list[RenderJob]:
-    from schemas.expand import job_key
-
     spec, sm = trainer.spec, trainer.spec.samples
     lora = ResolvedLora(
         name=spec.output.name,  # same name each step: the renderer reloads it when the digest changes
@@ -50,20 +70,15 @@ def renderer_for(trainer):
 
 def render_step(trainer) -> tuple[list[str], float | None]:
     """Render the sample prompts with the current weights; returns image paths (relative to
-    the run folder) and the mean CLIP-I to the references (None without references)."""
-    from core.digests import file_digest
-    from trainer.export import save_diffusers_lora
-    from trainer.train import CHECKPOINT_PREFIX
-
-    folder = trainer.paths.samples / f"{CHECKPOINT_PREFIX}{trainer.step:06d}"
+    the run folder) and the mean CLIP-I to the references (None without references or scorer)."""
+    folder = sample_folder(trainer.paths.samples, trainer.step)
     folder.mkdir(parents=True, exist_ok=True)
-    lora_path = save_diffusers_lora(trainer, folder / "lora.safetensors", trainer.lora_layers(),
+    lora_path = save_diffusers_lora(folder / "lora.safetensors", trainer.lora_layers(), trainer.adapter_configs(),
                                     trainer.header_metadata())
     renderer = renderer_for(trainer)
     was_training = trainer.models.unet.training
     images = []
-
-    for i, job in enumerate(sample_jobs(trainer, lora_path, file_digest(lora_path))):
+    for job in sample_jobs(trainer, lora_path, file_digest(lora_path)):
         out = renderer.render(job)
         buf = io.BytesIO()
         out.image.save(buf, format="PNG")
@@ -71,23 +86,8 @@ def render_step(trainer) -> tuple[list[str], float | None]:
         atomic_write_bytes(path, buf.getvalue())
         images.append(path.relative_to(trainer.paths.run_dir).as_posix())
     trainer.models.unet.train(was_training)
-    score = clip_i_score(trainer, [trainer.paths.run_dir / p for p in images])
-    return images, score
-
-
-def clip_i_score(trainer, images: list[Path]) -> float | None:
-    ev = trainer.spec.evaluation
-    if not ev.references:
-        return None
-    try:
-        from reports.metrics import ClipScorer, clip_i
-    except ImportError:
-        trainer.notes.append("CLIP-I skipped: reports.metrics is not available")
-        return None
-    if not hasattr(trainer, "_scorer"):
-        weights = trainer.root / ev.scoring_weights if ev.scoring_weights else None
-        trainer._scorer = ClipScorer(ev.scoring_model, weights=weights, cache_dir=trainer.paths.cache / "clip")
-    scorer = trainer._scorer
-    refs = scorer.embed_images([trainer.root / r for r in ev.references])
-    embs = scorer.embed_images(images)
-    return float(sum(clip_i(e, refs)[0] for e in embs) / len(embs))
+    references = trainer.spec.evaluation.references
+    if not references or trainer.score_images is None:
+        return images, None
+    score = trainer.score_images([trainer.paths.run_dir / p for p in images], [trainer.root / r for r in references])
+    return images, float(score)

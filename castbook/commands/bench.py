@@ -59,7 +59,8 @@ def run(args) -> int:
     from core.errors import JobError
 
     try:
-        from renderer.bench import BenchOptions, run_bench, summary_lines
+        from renderer.bench import BenchOptions, run_bench
+        from renderer.bench_summary import summary_lines
 
         opts = BenchOptions(model=args.model, size=args.size, steps=args.steps, images=args.images,
                             compile=args.compile, compile_mode=args.compile_mode, compile_backend=args.compile_backend,

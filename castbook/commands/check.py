@@ -26,14 +26,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from core.errors import InputError  # noqa: PLC0415
     from reports.analysis import analyze  # noqa: PLC0415
-    from reports.rundir import RunDirError  # noqa: PLC0415
 
-    try:
+    try:  # an unreadable run raises RunDirError, which `main` prints (exit 2)
         a = analyze(args.run_dir, history=False)
-    except (RunDirError, ValueError, FileNotFoundError) as e:
-        print(f"castbook check: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError) as e:  # reports.metrics' checks of the run's `scoring` settings
+        raise InputError(str(e)) from e
     res = a.results
     for name, c in res["characters"].items():
         rate = "n/a" if c["pass_rate"] is None else f"{c['pass_rate']:.2f}"

@@ -35,7 +35,9 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from trainer.prepare import PrepareError, PrepareOptions, prepare_dataset
+    from core.errors import CastbookError
+    from trainer.errors import PrepareError
+    from trainer.prepare import PrepareOptions, prepare_dataset
 
     try:
         if args.poses:
@@ -56,9 +58,9 @@ def run(args) -> int:
             poses = prepare_poses(Path(summary["output"]), pose_options)
             print(f"poses: {poses['counts']['posed']} of {poses['counts']['images']} images in {poses['k']} clusters; "
                   f"report: {Path(summary['output']) / 'poses.html'}")
-    except PrepareError as exc:
+    except CastbookError as exc:
         print(f"castbook dataset prepare: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     c = summary["counts"]
     print(f"kept {c['kept']}, dropped {c['dropped']} of {c['images']} images; "
           f"{c['caption_warnings']} caption warnings; report: {Path(summary['output']) / 'prepare.html'}")

@@ -35,7 +35,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     # Imports here: `castbook --help` must not import torch.
     from core.errors import JobError
-    from renderer.models import BASE_MODELS, CONTROLNET_MODELS, builtin_digest, export_builtin
+    from renderer.builtins import BASE_MODELS, CONTROLNET_MODELS, builtin_digest, export_builtin
 
     if args.models_command == "list":
         for name in BASE_MODELS + CONTROLNET_MODELS:

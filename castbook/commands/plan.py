@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from castbook.common import add_spec_args, command_parser, plan_or_exit
+from castbook.common import add_spec_args, command_parser, load_plan_args
 
 
 def register(subparsers) -> None:
@@ -18,7 +18,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    plan = plan_or_exit(args, only=args.only)
+    plan = load_plan_args(args, only=args.only)
     if args.json:
         json.dump([job.model_dump(mode="json") for job in plan.jobs], sys.stdout, indent=1)
         sys.stdout.write("\n")

@@ -5,7 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from castbook.common import add_spec_args, command_parser, plan_or_exit
+from castbook.common import (
+    add_spec_args,
+    check_cache_home,
+    check_output_root,
+    command_parser,
+    load_plan_args,
+    plan_model_refs,
+)
 
 
 def register(subparsers) -> None:
@@ -28,18 +35,11 @@ def register(subparsers) -> None:
 
 
 def _write_reports(run_dir: Path, quiet: bool) -> Path | None:
-    """Call reports.write_reports(run_dir) when the reports package provides it."""
-    import importlib.util
+    """Write the run's reports; on failure say how to retry them alone (the images are safe)."""
+    from reports import write_reports
 
-    if importlib.util.find_spec("reports") is None:
-        return None
-    import reports
-
-    write = getattr(reports, "write_reports", None)
-    if write is None:
-        return None
     try:
-        written = write(run_dir)
+        written = write_reports(run_dir)
     except Exception as e:  # the images and ledger are safe; say how to retry the report alone
         print(f"castbook: the report could not be written: {type(e).__name__}: {e}\n"
               f"  images are in {run_dir}; retry with: castbook report {run_dir}", file=sys.stderr)
@@ -55,11 +55,14 @@ def run(args) -> int:
     if args.actors < 1:
         print(f"castbook render: --actors must be at least 1, got {args.actors}", file=sys.stderr)
         return 2
-    plan = plan_or_exit(args, only=args.only)
+    plan = load_plan_args(args, only=args.only)
     if not plan.jobs:
         what = f" matching --only {args.only!r}" if args.only else ""
         print(f"castbook render: the spec has no jobs{what}; nothing to render", file=sys.stderr)
         return 2
+    # Before any work: built-ins not saved yet need a writable cache; --out must be a writable folder.
+    check_cache_home(plan_model_refs(plan, scorer=not args.no_report))
+    check_output_root(args.out)
     try:
         result = run_render(
             plan, out_dir=args.out, executor=args.executor, ray_address=args.ray_address, actors=args.actors,
@@ -79,8 +82,10 @@ def run(args) -> int:
             print(f"report:   {report}", file=out)
         if c["failed"]:
             from core.jsonl import read_jsonl
+            from schemas.records import ManifestRecord
 
-            for rec in read_jsonl(result.run_dir / "manifest.jsonl"):
-                if rec.get("status") == "failed":
-                    print(f"  failed {rec['name']}: {rec.get('error')}", file=sys.stderr)
+            for line in read_jsonl(result.run_dir / "manifest.jsonl"):
+                rec = ManifestRecord.model_validate(line)
+                if rec.status == "failed":
+                    print(f"  failed {rec.name}: {rec.error}", file=sys.stderr)
     return result.exit_code

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -21,14 +20,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from core.errors import InputError  # noqa: PLC0415
     from reports import write_reports  # noqa: PLC0415 - heavy imports only when the command runs
-    from reports.rundir import RunDirError  # noqa: PLC0415
 
-    try:
+    try:  # RunDirError and OSErrors inside run_dir reach `main`: exit 2
         paths = write_reports(args.run_dir)
-    except (RunDirError, ValueError, FileNotFoundError) as e:
-        print(f"castbook report: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError) as e:  # reports.metrics' checks of the run's `scoring` settings
+        raise InputError(str(e)) from e
     print(f"reports written to {Path(args.run_dir)}:")
     for name in ("report", "consistency", "benchmark", "diff", "results"):
         print(f"  {paths[name]}")

@@ -36,7 +36,7 @@ def _run_root(image: Path) -> Path | None:
 
 def run(args) -> int:
     from core.files import atomic_write_bytes
-    from renderer.outputs import read_castbook_chunk
+    from renderer.png_metadata import read_castbook_chunk
     from schemas.job import RenderJob
 
     if not args.image.is_file():
@@ -52,19 +52,19 @@ def run(args) -> int:
 
     from renderer.actor import RenderActor
 
-    actor = RenderActor(root, meta.get("performance"), job.base_model.model_dump(mode="json"), dtype=job.dtype,
+    actor = RenderActor(root=root, performance=meta.get("performance"), base_model=job.base_model, dtype=job.dtype,
                         device=meta.get("environment", {}).get("device"))
-    result = actor.render(job.model_dump(mode="json"))
-    if result["error"]:
-        print(f"castbook reproduce: could not render {job.name}: {result['error']}", file=sys.stderr)
+    result = actor.render(job=job)
+    if result.error:
+        print(f"castbook reproduce: could not render {job.name}: {result.error}", file=sys.stderr)
         return 1
     if args.out:
-        atomic_write_bytes(args.out, result["png"])
+        atomic_write_bytes(args.out, result.png)
     original = args.image.read_bytes()
-    if result["png"] == original:
+    if result.png == original:
         print(f"match: {args.image} reproduces byte for byte ({job.name}, key {job.key[:12]})")
         return 0
-    print(_describe_difference(original, result["png"], meta.get("environment", {}), actor), file=sys.stderr)
+    print(_describe_difference(original, result.png, meta.get("environment", {}), actor), file=sys.stderr)
     return 1
 
 
@@ -82,7 +82,7 @@ def _describe_difference(original: bytes, new: bytes, env: dict, actor) -> str:
     else:
         d = np.abs(a - b)
         lines.append(f"  pixels: {int((d.max(axis=-1) > 0).sum())} differ, max difference {int(d.max())}/255")
-    now = actor.environment(env.get("device") or "cpu", env.get("dtype") or "fp32")
+    now = actor.environment(device=env.get("device") or "cpu", dtype=env.get("dtype") or "fp32")
     for k in sorted(set(env) | set(now)):
         if env.get(k) != now.get(k):
             lines.append(f"  environment {k}: image {env.get(k)!r}, here {now.get(k)!r}")

@@ -47,50 +47,47 @@ def _root_for(spec_path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from schemas import toy as recipes
     from schemas.loader import SpecErrors
+
+    def log(message: str) -> None:
+        print(message, flush=True)
 
     try:
         if args.toymodel_command == "train-clip":
             from toyworld import clip as toy_clip
 
-            spec = toy_clip.load_clip_spec(args.spec)
-            record = toy_clip.run_clip(spec, _root_for(args.spec), log=lambda m: print(m, flush=True))
+            record = toy_clip.run_clip(recipes.load_clip_spec(args.spec), _root_for(args.spec), log=log)
             print(json.dumps(record["retrieval_held_out"], indent=2))
             return 0
         if args.toymodel_command == "train-controlnet":
             from toyworld import controlnet as toy_controlnet
 
-            spec = toy_controlnet.load_controlnet_spec(args.spec)
-            record = toy_controlnet.run_controlnet(spec, _root_for(args.spec), log=lambda m: print(m, flush=True),
-                                                   do_eval=not args.no_eval)
+            record = toy_controlnet.run_controlnet(recipes.load_controlnet_spec(args.spec), _root_for(args.spec),
+                                                   log=log, do_eval=not args.no_eval)
             print(json.dumps(record.get("eval", {}), indent=2))
             return 0
-        from toyworld import base as from_scratch
+        from toyworld import base
 
-        spec = from_scratch.load_base_spec(args.spec)
+        spec = recipes.load_base_spec(args.spec)
         if args.toymodel_command == "train-base":
-            record = from_scratch.run_base(spec, _root_for(args.spec), log=lambda m: print(m, flush=True),
-                                           do_eval=not args.no_eval)
+            record = base.run_base(spec, _root_for(args.spec), log=log, do_eval=not args.no_eval)
             print(json.dumps(record.get("eval", {}), indent=2))
             return 0
         if args.toymodel_command == "train-decoder":
-            from_scratch.run_decoder_stage(spec, log=lambda m: print(m, flush=True))
+            base.run_decoder_stage(spec, log=log)
             return 0
         if args.toymodel_command == "export-base":
-            record = from_scratch.export_from_checkpoint(spec, _root_for(args.spec), log=lambda m: print(m, flush=True),
-                                                         do_eval=not args.no_eval, note=args.note)
+            record = base.export_from_checkpoint(spec, _root_for(args.spec), log=log, do_eval=not args.no_eval,
+                                                 note=args.note)
             print(json.dumps(record.get("eval", {}), indent=2))
             return 0
-        root = _root_for(args.spec)
-        folder = args.model or (root / spec.output)
-        result = from_scratch.evaluate_pipeline(from_scratch.load_pipeline(folder), spec.eval, spec.data.size,
-                                                limit=spec.eval.limit)
-        if args.json:
-            print(json.dumps(result, indent=2, sort_keys=True))
-        else:
-            from toyworld import checker as ev
+        from toyworld import checker
+        from toyworld.export import load_pipeline
 
-            print(ev.format_table(result))
+        folder = args.model or (_root_for(args.spec) / spec.output)
+        result = base.evaluate_pipeline(load_pipeline(folder), spec.eval, spec.data.size, limit=spec.eval.limit)
+        print(json.dumps(result, indent=2, sort_keys=True) if args.json else checker.format_table(result))
         return 0
     except SpecErrors as exc:
         print(str(exc), file=sys.stderr)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -27,36 +26,57 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def clip_i_scorer(spec, root: Path):
+    """The trainer's sample scorer for `spec.evaluation` (None without references): mean CLIP-I of
+    the sample images to the reference images, with `reports.metrics`. Module-level, so Ray sends it
+    to the training worker by reference and the CLIP model loads there."""
+    from reports.metrics import ClipScorer, clip_i
+    from trainer.errors import TrainingError
+    from trainer.train import TrainPaths
+
+    ev = spec.evaluation
+    if not ev.references:
+        return None
+    weights = root / ev.scoring_weights if ev.scoring_weights else None
+    try:
+        scorer = ClipScorer(ev.scoring_model, weights=weights, cache_dir=TrainPaths.for_spec(spec, root).cache / "clip")
+    except (ValueError, FileNotFoundError) as exc:  # its messages name the setting and the fix
+        raise TrainingError(f"evaluation: {exc}") from exc
+
+    def score_images(images: list[Path], references: list[Path]) -> float:
+        refs = scorer.embed_images(references)  # cached by file digest: cheap after the first step
+        return float(sum(clip_i(e, refs)[0] for e in scorer.embed_images(images)) / len(images))
+
+    return score_images
+
+
 def run(args) -> int:
     from castbook.common import print_spec_errors
+    from core.errors import CastbookError
     from schemas.loader import SpecErrors
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    root = (args.root or Path.cwd()).resolve()
-    try:
-        from trainer.train import load_training_spec
-
-        spec = load_training_spec(args.spec, root)
-    except SpecErrors as exc:
-        print_spec_errors(exc)
-        return 2
-    from trainer.data import DatasetError
-    from trainer.train import TrainingError, train_lora, train_lora_ray
+    from trainer.train import load_training_spec, train_lora, train_lora_ray
 
     if args.ray_address and args.executor != "ray":
         print(f"castbook train: --ray-address {args.ray_address} needs --executor ray", file=sys.stderr)
+        return 2
+    root = (args.root or Path.cwd()).resolve()
+    try:
+        spec = load_training_spec(args.spec, root)
+    except SpecErrors as exc:
+        print_spec_errors(exc)
         return 2
     try:
         if args.executor == "ray":
             # No rich bar in a worker (no terminal there); the driver prints the result below.
             result = train_lora_ray(spec, root, ray_address=args.ray_address, resume=args.resume,
-                                    device=args.device, progress=False, render=not args.no_samples)
+                                    device=args.device, progress=False, render=not args.no_samples,
+                                    make_scorer=clip_i_scorer)
         else:
             result = train_lora(spec, root, resume=args.resume, device=args.device, progress=not args.quiet,
-                                render=not args.no_samples)
-    except (TrainingError, DatasetError) as exc:
+                                render=not args.no_samples, score_images=clip_i_scorer(spec, root))
+    except CastbookError as exc:
         print(f"castbook train: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     for note in result.notes:
         print(f"note: {note}")
     first = sum(result.losses[:10]) / max(len(result.losses[:10]), 1)
