@@ -27,8 +27,7 @@ from core.digests import file_digest  # noqa: E402
 from renderer.actor import RenderActor  # noqa: E402
 from renderer.runner import order_jobs  # noqa: E402
 from schemas.builtins import builtin_digest  # noqa: E402
-from schemas.expand import job_key  # noqa: E402
-from schemas.job import RenderJob, ResolvedLora, ResolvedModel  # noqa: E402
+from schemas.job import RenderJob, ResolvedLora, ResolvedModel, job_key  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = ["specs/examples/loras/luca_character.safetensors", "specs/examples/loras/portorosso_bg.safetensors",

@@ -26,8 +26,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from core.jsonl import read_jsonl  # noqa: E402
 from renderer.runner import run_render  # noqa: E402
 from schemas.builtins import builtin_digest  # noqa: E402
-from schemas.expand import job_key  # noqa: E402
-from schemas.job import RenderJob, ResolvedModel  # noqa: E402
+from schemas.job import RenderJob, ResolvedModel, job_key  # noqa: E402
 from schemas.plan import Plan  # noqa: E402
 from schemas.spec import Spec  # noqa: E402
 

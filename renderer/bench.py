@@ -20,7 +20,6 @@ LoRA files and the control image are generated (seeded) into a temporary folder
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import shutil
 import socket
@@ -31,12 +30,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from core.digests import canonical_json, file_digest
+from core.digests import file_digest
 from core.errors import JobError
 from renderer.bench_assets import make_control_image, make_lora_files, resolve_model
 from schemas.base import Strict
-from schemas.job import RenderJob, ResolvedControl, ResolvedLora, ResolvedModel
+from schemas.job import RenderJob, ResolvedControl, ResolvedLora, ResolvedModel, job_key
 from schemas.records import ManifestRecord, RenderResult
+from schemas.schedulers import SchedulerName
 
 BENCH_VERSION = 1
 MEMORY_BUDGET_BYTES = 10 * 10**9  # SDXL bf16 + 2 LoRAs at 1024² should fit (issue target)
@@ -60,6 +60,7 @@ class BenchOptions(Strict):
     controlnet: bool = False
     batch: int = Field(0, ge=0)  # >1: also time one batched call of this many jobs on the bare pipe
     guidance_scale: float = 5.0
+    scheduler: SchedulerName = "euler"  # few-step ones (lcm, tcd, euler_trailing) with --steps 4
     device: str | None = None
     channels_last: bool = False
     fuse_qkv: bool = False
@@ -90,9 +91,8 @@ def peak_rss_bytes() -> int:
 
 
 def _with_key(job: RenderJob) -> RenderJob:
-    # schemas.expand.job_key's formula, without importing schemas.expand (its prompt templates need
-    # jinja2, which the GPU box lacks).
-    return job.model_copy(update={"key": hashlib.sha256(canonical_json(job.pixel_fields()).encode()).hexdigest()})
+    # schemas.job, not schemas.expand: expansion's prompt templates need jinja2, which the GPU box lacks.
+    return job.model_copy(update={"key": job_key(job)})
 
 
 # --------------------------------------------------------------------------- the render paths
@@ -300,7 +300,7 @@ def _run_bench(opts: BenchOptions, out: Path, work: Path, progress) -> dict:
             key="", name=name, job="bench", character="hero", scene=f"scene-{i % 4}", preset="bench",
             prompt=f"a portrait of a hero, scene {i}, detailed", negative_prompt="blurry, lowres",
             seed=seed, width=opts.size, height=opts.size, num_inference_steps=opts.steps,
-            guidance_scale=opts.guidance_scale, scheduler="euler", dtype=dtype, base_model=model,
+            guidance_scale=opts.guidance_scale, scheduler=opts.scheduler, dtype=dtype, base_model=model,
             loras=tuple(loras[: opts.loras]), controls=controls))
 
     jobs = [make_job(i, i, f"bench/hero/scene-{i % 4}/bench/seed-{i}") for i in range(opts.images)]

@@ -15,22 +15,11 @@ from pathlib import Path
 from core.errors import JobError
 from renderer.builtins import build_sdxl_random_pipeline, builtin_dir, builtin_name
 from schemas.builtins import BASE_MODELS, CONTROLNET_MODELS
+from schemas.schedulers import SCHEDULERS
 from schemas.spec import PICKLE_SUFFIXES
 
 WEIGHT_SUFFIXES = PICKLE_SUFFIXES + (".safetensors",)
 
-# castbook scheduler name -> (diffusers class name, extra from_config kwargs)
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
-    ),
-    "ddim": ("DDIMScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
 
 
 DTYPE_LABELS = ("fp32", "fp16", "bf16")
@@ -137,8 +126,8 @@ def make_scheduler(name: str, base_config):
 
     if name not in SCHEDULERS:
         raise JobError(f"scheduler {name!r} is not one of {', '.join(SCHEDULERS)}")
-    cls_name, kwargs = SCHEDULERS[name]
-    return getattr(diffusers, cls_name).from_config(base_config, **kwargs)
+    recipe = SCHEDULERS[name]
+    return getattr(diffusers, recipe.cls).from_config(base_config, **recipe.config)
 
 
 def load_base_pipeline(model, root: Path, device: str, dtype_label: str, to_device: bool = True):

@@ -17,16 +17,10 @@ from PIL import Image, PngImagePlugin
 
 from renderer.outputs import castbook_version
 from schemas.job import RenderJob
+from schemas.schedulers import SCHEDULERS
 
 # castbook scheduler name -> the sampler name A1111 writes in its infotext.
-A1111_SAMPLERS = {
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "ddim": "DDIM",
-    "unipc": "UniPC",
-}
+A1111_SAMPLERS = {name: recipe.a1111 for name, recipe in SCHEDULERS.items()}
 
 
 
@@ -71,6 +65,8 @@ def format_parameters(job: RenderJob) -> str:
     fields: list[tuple[str, str]] = [
         ("Steps", str(job.num_inference_steps)),
         ("Sampler", A1111_SAMPLERS.get(job.scheduler, job.scheduler)),
+        *([("Schedule type", SCHEDULERS[job.scheduler].a1111_schedule)]
+          if job.scheduler in SCHEDULERS and SCHEDULERS[job.scheduler].a1111_schedule else []),
         ("CFG scale", str(float(job.guidance_scale))),
         ("Seed", str(job.seed)),
         ("Size", f"{job.width}x{job.height}"),

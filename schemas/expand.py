@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import re
 
-from core.digests import canonical_json
 from core.errors import CastbookError
 from schemas.builtins import DEFAULT_CONTROLNET, builtin_digest
 from schemas.checks import job_count_error, seed_list
-from schemas.job import RenderJob, ResolvedControl, ResolvedLora, ResolvedModel
+from schemas.job import RenderJob, ResolvedControl, ResolvedLora, ResolvedModel, job_key
 from schemas.presets import resolve_presets
-from schemas.spec import BuiltinModel, DiffusersFolder, SingleFile, Spec
+from schemas.spec import BuiltinModel, DiffusersFolder, SingleFile, Spec, var_values
 from schemas.templates import prompt_variables, render_prompt
 
 NO_CHARACTER = "nocharacter"
@@ -28,10 +28,6 @@ class PlanError(CastbookError):
 
 
 # --- keys -------------------------------------------------------------------------------------
-
-
-def job_key(job: RenderJob) -> str:
-    return hashlib.sha256(canonical_json(job.pixel_fields()).encode()).hexdigest()
 
 
 def derive_seed(seed: int, image_index: int, candidate: int) -> int:
@@ -74,6 +70,9 @@ def _sweep_suffix(combo: dict) -> str:
     parts = []
     for axis, value in sorted(combo.items()):  # sorted: reordering sweep keys keeps names
         pieces = axis.split(".")
+        if pieces[0] == "vars":  # free text: only what is safe in a file name
+            parts.append(f"{pieces[1]}={re.sub(r'[^A-Za-z0-9_.]+', '_', str(value)).strip('_.')[:40] or '_'}")
+            continue
         short = pieces[1] if pieces[0] in ("loras", "controls") else SWEEP_SHORT[axis]
         parts.append(f"{short}={_format_value(value)}")
     return ("-" + "-".join(parts)) if parts else ""
@@ -83,12 +82,30 @@ def _has_word(prompt: str, word: str) -> bool:
     return re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt, flags=re.IGNORECASE) is not None
 
 
+def recommended_settings(spec: Spec, stack) -> dict:
+    """The `recommended` settings of a LoRA stack's registry entries (by LoRA name); two LoRAs that
+    recommend different values for the same setting are an error (the job must choose)."""
+    out: dict = {}
+    source: dict[str, str] = {}
+    for name in sorted(stack):
+        recommended = spec.loras[name].recommended
+        if recommended is None:
+            continue
+        for field, value in recommended.model_dump(exclude_none=True).items():
+            if field in out and out[field] != value:
+                raise PlanError(f"LoRAs `{source[field]}` and `{name}` recommend different {field} "
+                                f"({out[field]} and {value}); set {field} on the job, or drop use_recommended")
+            out[field], source[field] = value, name
+    return out
+
+
 def expand(spec: Spec, digests: dict[str, str]) -> list[RenderJob]:
     """All render jobs of a spec, fully resolved and keyed. Pure.
 
     Layering, in exactly this order: preset (the job's `presets` axis, else the scene's
     `preset`, else `defaults.preset`) → `defaults.scheduler` → the scene's size → the
-    job's own values → sweep values.
+    `recommended` settings of the stack's LoRAs (`use_recommended: true`) → the job's own values →
+    sweep values.
     LoRA stack: the character's LoRAs, then the scene's, then the job's, in that order;
     a later mention of the same LoRA replaces its weight; a weight left out is the
     registry's default. `use_loras: false` starts from an empty stack.
@@ -103,90 +120,149 @@ def expand(spec: Spec, digests: dict[str, str]) -> list[RenderJob]:
     jobs: list[RenderJob] = []
 
     for jname, job in spec.jobs.items():
-        axes = list(job.sweep.items())
+        axes = [(a, v) for a, v in job.sweep.items() if not a.startswith("vars.")]
         combos = [dict(zip([a for a, _ in axes], values)) for values in itertools.product(*[v for _, v in axes])]
         for cname in job.characters or [None]:
             character = spec.characters[cname] if cname else None
             for sname in job.scenes:
                 scene = spec.scenes[sname]
-                variables = prompt_variables(cname, character.description if character else "",
-                                             character.trigger_words if character else [], sname)
-                body = render_prompt(scene.prompt, variables)
-                negative = job.negative_prompt if job.negative_prompt is not None else (
-                    scene.negative_prompt if scene.negative_prompt is not None else spec.defaults.negative_prompt)
-
-                stack: dict[str, float | None] = {}
-                if job.use_loras:
-                    for use in [*(character.loras if character else []), *scene.loras, *job.loras]:
-                        # first mention fixes the order; a later explicit weight replaces the earlier one
-                        if use.weight is not None or use.name not in stack:
-                            stack[use.name] = use.weight
-                controls = list(scene.controls) if job.use_controls else []
-
-                for pname in job.presets or [scene.preset or spec.defaults.preset]:
-                    settings = dict(presets[pname])
-                    if spec.defaults.scheduler:
-                        settings["scheduler"] = spec.defaults.scheduler
-                    if scene.width:
-                        settings["width"] = scene.width
-                    if scene.height:
-                        settings["height"] = scene.height
-                    for key in ("guidance_scale", "num_inference_steps", "scheduler"):
-                        if getattr(job, key) is not None:
-                            settings[key] = getattr(job, key)
-
-                    for combo in combos:
-                        values = dict(settings)
-                        weights = dict(stack)
-                        control_scales: dict[str, float] = {}
-                        for axis, value in combo.items():
-                            parts = axis.split(".")
-                            if parts[0] == "loras":
-                                weights[parts[1]] = value
-                            elif parts[0] == "controls":
-                                control_scales[parts[1]] = value
-                            else:
-                                values[axis] = value
-                        loras = tuple(
-                            ResolvedLora(name=name, path=spec.loras[name].path, digest=digests[spec.loras[name].path],
-                                         weight=float(spec.loras[name].weight if w is None else w),
-                                         kind=spec.loras[name].kind)
-                            for name, w in weights.items()
-                        )
-                        resolved_controls = tuple(
-                            _control(c, control_scales.get(c.type), spec, digests) for c in controls
-                        )
-                        # sorted by LoRA name: stack order must not change the prompt (nor the pixels)
-                        missing = [w for lora in sorted(loras, key=lambda l: l.name)
-                                   for w in spec.loras[lora.name].trigger_words if not _has_word(body, w)]
-                        prompt = ", ".join(dict.fromkeys([*missing, body]))
-                        if spec.defaults.style:
-                            prompt = f"{prompt}, {spec.defaults.style}"
-                        prompt = " ".join(prompt.split())
-
-                        for seed in seed_list(job.seeds):
-                            for image_index in range(job.images_per_seed):
-                                stem = f"{jname}/{cname or NO_CHARACTER}/{sname}/{pname}/seed-{seed}"
-                                if job.images_per_seed > 1:
-                                    stem += f"-i{image_index}"
-                                suffix = _sweep_suffix(combo)
-                                for candidate in range(job.best_of):
-                                    name = stem + (f"-c{candidate}" if job.best_of > 1 else "") + suffix
-                                    draft = RenderJob.model_construct(
-                                        key="", name=name, job=jname, character=cname, scene=sname, preset=pname,
-                                        prompt=prompt, negative_prompt=" ".join(negative.split()),
-                                        seed=derive_seed(seed, image_index, candidate),
-                                        width=int(values["width"]), height=int(values["height"]),
-                                        num_inference_steps=int(values["num_inference_steps"]),
-                                        guidance_scale=float(values["guidance_scale"]),
-                                        scheduler=values["scheduler"], dtype=dtype, base_model=base_model, vae=vae,
-                                        loras=loras, controls=resolved_controls,
-                                        sweep={a: v for a, v in combo.items()},
-                                        best_of_group=(stem + suffix) if job.best_of > 1 else None,
-                                        candidate=candidate,
-                                    )
-                                    jobs.append(draft.model_copy(update={"key": job_key(draft)}))
+                for var_combo in var_combinations(character, scene, job):
+                    jobs.extend(_scene_jobs(spec, digests, presets, base_model, vae, dtype, jname, job, cname,
+                                            character, sname, scene, combos, var_combo))
+    names = [j.name for j in jobs]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise PlanError(f"two jobs would write the same image {dup!r}: give the values of a `vars` axis "
+                        "distinct letters or digits (punctuation and spaces are dropped from image names)")
     return jobs
+
+
+def var_combinations(character, scene, job) -> list[dict[str, str]]:
+    """Every combination of a (character, scene, job)'s prompt variables, in name order. Pure.
+
+    The job's `vars` override the scene's, which override the character's; a `vars.NAME` sweep
+    axis overrides all three. A variable with several values is an axis.
+    """
+    merged: dict[str, list[str]] = {}
+    for owner in (character, scene, job):
+        for name, value in (owner.vars if owner is not None else {}).items():
+            merged[name] = var_values(value)
+    for axis, values in job.sweep.items():
+        if axis.startswith("vars."):
+            merged[axis.removeprefix("vars.")] = [str(v) for v in values]
+    names = sorted(merged)
+    return [dict(zip(names, values)) for values in itertools.product(*(merged[n] for n in names))]
+
+
+def count_var_combinations(character, scene, job) -> int:
+    """len(var_combinations(...)) without enumerating them (the job-count guard runs first)."""
+    merged: dict[str, int] = {}
+    for owner in (character, scene, job):
+        for name, value in (owner.vars if owner is not None else {}).items():
+            merged[name] = len(var_values(value))
+    for axis, values in job.sweep.items():
+        if axis.startswith("vars."):
+            merged[axis.removeprefix("vars.")] = len(values)
+    return math.prod(merged.values())
+
+
+def _scene_jobs(spec: Spec, digests: dict[str, str], presets: dict, base_model, vae, dtype, jname: str, job,
+                cname: str | None, character, sname: str, scene, combos: list[dict], var_combo: dict[str, str]
+                ) -> list[RenderJob]:
+    """The jobs of one (job matrix, character, scene, prompt-variable combination)."""
+    jobs: list[RenderJob] = []
+    # Variables with several values are axes: they name the image and are recorded like sweeps.
+    var_axes = {f"vars.{name}": value for name, value in var_combo.items()
+                if _is_var_axis(name, character, scene, job)}
+    variables = prompt_variables(cname, character.description if character else "",
+                                 character.trigger_words if character else [], sname, var_combo)
+    body = render_prompt(scene.prompt, variables)
+    negative = job.negative_prompt if job.negative_prompt is not None else (
+        scene.negative_prompt if scene.negative_prompt is not None else spec.defaults.negative_prompt)
+
+    stack: dict[str, float | None] = {}
+    if job.use_loras:
+        for use in [*(character.loras if character else []), *scene.loras, *job.loras]:
+            # first mention fixes the order; a later explicit weight replaces the earlier one
+            if use.weight is not None or use.name not in stack:
+                stack[use.name] = use.weight
+    controls = list(scene.controls) if job.use_controls else []
+
+    for pname in job.presets or [scene.preset or spec.defaults.preset]:
+        settings = dict(presets[pname])
+        if spec.defaults.scheduler:
+            settings["scheduler"] = spec.defaults.scheduler
+        if scene.width:
+            settings["width"] = scene.width
+        if scene.height:
+            settings["height"] = scene.height
+        if job.use_recommended:
+            settings.update(recommended_settings(spec, stack))
+        for key in ("guidance_scale", "num_inference_steps", "scheduler"):
+            if getattr(job, key) is not None:
+                settings[key] = getattr(job, key)
+
+        for combo in combos:
+            values = dict(settings)
+            weights = dict(stack)
+            control_scales: dict[str, float] = {}
+            for axis, value in combo.items():
+                parts = axis.split(".")
+                if parts[0] == "loras":
+                    weights[parts[1]] = value
+                elif parts[0] == "controls":
+                    control_scales[parts[1]] = value
+                else:
+                    values[axis] = value
+            loras = tuple(
+                ResolvedLora(name=name, path=spec.loras[name].path, digest=digests[spec.loras[name].path],
+                             weight=float(spec.loras[name].weight if w is None else w),
+                             kind=spec.loras[name].kind)
+                for name, w in weights.items()
+            )
+            resolved_controls = tuple(
+                _control(c, control_scales.get(c.type), spec, digests) for c in controls
+            )
+            # sorted by LoRA name: stack order must not change the prompt (nor the pixels)
+            missing = [w for lora in sorted(loras, key=lambda l: l.name)
+                       for w in spec.loras[lora.name].trigger_words if not _has_word(body, w)]
+            prompt = ", ".join(dict.fromkeys([*missing, body]))
+            if spec.defaults.style:
+                prompt = f"{prompt}, {spec.defaults.style}"
+            prompt = " ".join(prompt.split())
+
+            for seed in seed_list(job.seeds):
+                for image_index in range(job.images_per_seed):
+                    stem = f"{jname}/{cname or NO_CHARACTER}/{sname}/{pname}/seed-{seed}"
+                    if job.images_per_seed > 1:
+                        stem += f"-i{image_index}"
+                    suffix = _sweep_suffix({**combo, **var_axes})
+                    for candidate in range(job.best_of):
+                        name = stem + (f"-c{candidate}" if job.best_of > 1 else "") + suffix
+                        draft = RenderJob.model_construct(
+                            key="", name=name, job=jname, character=cname, scene=sname, preset=pname,
+                            prompt=prompt, negative_prompt=" ".join(negative.split()),
+                            seed=derive_seed(seed, image_index, candidate),
+                            width=int(values["width"]), height=int(values["height"]),
+                            num_inference_steps=int(values["num_inference_steps"]),
+                            guidance_scale=float(values["guidance_scale"]),
+                            scheduler=values["scheduler"], dtype=dtype, base_model=base_model, vae=vae,
+                            loras=loras, controls=resolved_controls,
+                            sweep={**combo, **var_axes},
+                            best_of_group=(stem + suffix) if job.best_of > 1 else None,
+                            candidate=candidate,
+                        )
+                        jobs.append(draft.model_copy(update={"key": job_key(draft)}))
+    return jobs
+
+
+def _is_var_axis(name: str, character, scene, job) -> bool:
+    values = None
+    for owner in (character, scene, job):
+        if owner is not None and name in owner.vars:
+            values = var_values(owner.vars[name])
+    swept = job.sweep.get(f"vars.{name}")
+    return len(swept if swept is not None else values or []) > 1
 
 
 def _control(control, scale: float | None, spec: Spec, digests: dict[str, str]) -> ResolvedControl:

@@ -7,21 +7,22 @@ can be rendered, hashed, stored in a PNG and reproduced on its own.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 from pydantic import Field
 
+from core.digests import canonical_json
 from schemas.base import Strict
+from schemas.schedulers import SchedulerName, scheduler_key
 
 # Bump when castbook changes how a job is turned into pixels (scheduler mapping,
 # prompt assembly, seeding). It is part of every key, so caches invalidate cleanly.
-RENDER_RECIPE_VERSION = 1
+# 2: keys hash each scheduler's class and config overrides, not only its name.
+RENDER_RECIPE_VERSION = 2
 
 ControlType = Literal["pose", "depth", "canny", "seg", "normal"]
-SchedulerName = Literal["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc"]
 Dtype = Literal["auto", "fp32", "fp16", "bf16"]
-
-
 
 
 class ResolvedModel(Strict):
@@ -94,6 +95,7 @@ class RenderJob(Strict):
             "num_inference_steps": self.num_inference_steps,
             "guidance_scale": self.guidance_scale,
             "scheduler": self.scheduler,
+            "scheduler_config": scheduler_key(self.scheduler),
             "dtype": self.dtype,
             "base_model": self.base_model.digest,
             # Only when set, so that keys of specs without a VAE override never change.
@@ -116,3 +118,8 @@ class RenderJob(Strict):
                 for c in self.controls
             ],
         }
+
+
+def job_key(job: RenderJob) -> str:
+    """The job's cache key: sha256 of the canonical JSON of its pixel fields."""
+    return hashlib.sha256(canonical_json(job.pixel_fields()).encode()).hexdigest()

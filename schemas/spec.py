@@ -117,11 +117,23 @@ BUILTIN_PRESETS: dict[str, dict] = {
     "standard": {"num_inference_steps": 25, "width": 1024, "height": 1024, "guidance_scale": 6.0, "scheduler": "dpmpp_2m_karras"},
     "high": {"num_inference_steps": 40, "width": 1024, "height": 1024, "guidance_scale": 6.5, "scheduler": "dpmpp_2m_karras"},
     "ultra": {"num_inference_steps": 60, "width": 1024, "height": 1024, "guidance_scale": 7.0, "scheduler": "dpmpp_2m_karras"},
+    # For few-step distilled LoRAs (Lightning, DMD2, Hyper, LCM, TCD): 4 steps, no CFG (guidance 1
+    # skips the unconditional pass, halving the UNet work per step).
+    "fast": {"num_inference_steps": 4, "width": 1024, "height": 1024, "guidance_scale": 1.0, "scheduler": "euler_trailing"},
 }
 
 # --- LoRA registry ------------------------------------------------------------------
 
 LoraKind = Literal["character", "background", "pose", "expression", "style", "other"]
+
+
+class Recommended(Strict):
+    """Settings a LoRA is made for (a distilled few-step LoRA needs its scheduler and step count);
+    a job adopts them with `use_recommended: true`."""
+
+    scheduler: SchedulerName | None = None
+    num_inference_steps: int | None = Field(default=None, ge=1, le=500)
+    guidance_scale: float | None = Field(default=None, ge=0, le=50)
 
 
 class LoraEntry(Strict):
@@ -131,6 +143,8 @@ class LoraEntry(Strict):
     weight: float = Field(default=1.0, ge=-4, le=4, description="Default weight in a stack.")
     rank: int | None = Field(default=None, ge=1, description="Optional; lets the GPU path pre-size LoRA hotswap.")
     notes: str | None = None
+    recommended: Recommended | None = Field(
+        default=None, description="Scheduler, steps and guidance the LoRA is made for (jobs with use_recommended).")
 
     @field_validator("path")
     @classmethod
@@ -160,6 +174,22 @@ class LoraUse(Strict):
 
 LoraUseItem = Annotated[LoraUse, BeforeValidator(parse_lora_use)]
 
+# --- prompt variables ---------------------------------------------------------------------
+
+VAR_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+VarName = Annotated[str, Field(pattern=VAR_NAME_PATTERN, max_length=40)]
+# One value, or a list (an axis: every value is rendered). `{file: PATH}` (one value per line) is
+# read by the loader into a list before validation.
+VarValues = Union[Annotated[str, Field(max_length=2000)], Annotated[list[Annotated[str, Field(max_length=2000)]], Field(min_length=1, max_length=1000)]]
+VARS_DESCRIPTION = ("Prompt variables (outfits, props, places): NAME: value, NAME: [values] (an axis, crossed with "
+                    "the rest) or NAME: {file: values.txt} (one value per line). Used as {{ NAME }} or "
+                    "{{ vars.NAME }}; the job's override the scene's, which override the character's.")
+
+
+def var_values(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
 # --- characters ------------------------------------------------------------------------
 
 
@@ -170,6 +200,7 @@ class Character(Strict):
     references: list[str] = Field(default=[], description="Glob patterns of reference images (consistency scoring).")
     threshold: float = Field(default=0.65, ge=-1, le=1, description="CLIP-I gate for one image.")
     min_pass_rate: float = Field(default=0.8, ge=0, le=1, description="Fraction of images that must pass the gate.")
+    vars: dict[VarName, VarValues] = Field(default={}, description=VARS_DESCRIPTION)
 
 
 # --- controls (tagged union on `type`) ------------------------------------------------
@@ -224,6 +255,7 @@ class Scene(Strict):
     preset: str | None = None
     width: int | None = Field(default=None, ge=16, le=4096, multiple_of=8)
     height: int | None = Field(default=None, ge=16, le=4096, multiple_of=8)
+    vars: dict[VarName, VarValues] = Field(default={}, description=VARS_DESCRIPTION)
 
 
 class SeedRange(Strict):
@@ -233,7 +265,7 @@ class SeedRange(Strict):
 
 SweepValue = Union[float, int, str]
 SWEEP_FIXED_AXES = ("guidance_scale", "num_inference_steps", "scheduler", "width", "height")
-SWEEP_AXIS_PATTERN = re.compile(r"^(guidance_scale|num_inference_steps|scheduler|width|height|loras\.([A-Za-z0-9_][A-Za-z0-9_.-]*)\.weight|controls\.(pose|depth|canny|seg|normal)\.scale)$")
+SWEEP_AXIS_PATTERN = re.compile(r"^(guidance_scale|num_inference_steps|scheduler|width|height|loras\.([A-Za-z0-9_][A-Za-z0-9_.-]*)\.weight|controls\.(pose|depth|canny|seg|normal)\.scale|vars\.[A-Za-z_][A-Za-z0-9_]*)$")
 
 
 class JobMatrix(Strict):
@@ -247,6 +279,10 @@ class JobMatrix(Strict):
     best_of: int = Field(default=1, ge=1, le=64, description="Render N candidates; scoring keeps the best by CLIP-I.")
     use_loras: bool = Field(default=True, description="false: no LoRA at all (baseline look of the base model).")
     use_controls: bool = True
+    use_recommended: bool = Field(
+        default=False,
+        description="Adopt the `recommended` scheduler, steps and guidance of the stack's LoRAs (after the preset, "
+        "before the job's own values).")
     # Not a pixel field: it only changes how reports count the images, so it stays out of
     # RenderJob and the job key (flipping it re-renders nothing).
     gate: bool = Field(
@@ -259,10 +295,11 @@ class JobMatrix(Strict):
     guidance_scale: float | None = Field(default=None, ge=0, le=50)
     num_inference_steps: int | None = Field(default=None, ge=1, le=500)
     scheduler: SchedulerName | None = None
+    vars: dict[VarName, VarValues] = Field(default={}, description=VARS_DESCRIPTION)
     sweep: dict[str, list[SweepValue]] = Field(
         default={},
         description="Axis → values, crossed with the rest. Axes: guidance_scale, num_inference_steps, scheduler, "
-        "width, height, loras.NAME.weight, controls.TYPE.scale.",
+        "width, height, loras.NAME.weight, controls.TYPE.scale, vars.NAME.",
     )
 
     @field_validator("sweep")
@@ -272,7 +309,7 @@ class JobMatrix(Strict):
             if not SWEEP_AXIS_PATTERN.match(axis):
                 raise ValueError(
                     f"unknown sweep axis `{axis}`; use one of {', '.join(SWEEP_FIXED_AXES)}, "
-                    "loras.NAME.weight or controls.TYPE.scale"
+                    "loras.NAME.weight, controls.TYPE.scale or vars.NAME"
                 )
             if not values:
                 raise ValueError(f"sweep axis `{axis}` has no values")

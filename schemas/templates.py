@@ -12,7 +12,7 @@ from functools import lru_cache
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-TEMPLATE_VARIABLES = ("character", "name", "description", "trigger", "scene")
+TEMPLATE_VARIABLES = ("character", "name", "description", "trigger", "scene", "vars")
 
 
 @lru_cache(maxsize=1)
@@ -37,17 +37,23 @@ def render_prompt(template: str, variables: dict[str, str]) -> str:
         name = type(exc).__name__
         detail = str(exc)
         if name == "UndefinedError":
-            detail += f"; available variables: {', '.join(TEMPLATE_VARIABLES)}"
+            detail += f"; available variables: {', '.join(TEMPLATE_VARIABLES)} and the spec's `vars`"
         elif name == "SecurityError":
             detail = f"unsafe template operation refused by the sandbox: {detail}"
         raise PromptTemplateError(f"prompt template error ({name}): {detail}") from None
 
 
-def prompt_variables(character_name: str | None, description: str, trigger_words: list[str], scene: str) -> dict[str, str]:
-    """The variables a scene template sees. `character` = trigger words + description."""
+def prompt_variables(character_name: str | None, description: str, trigger_words: list[str], scene: str,
+                     variables: dict[str, str] | None = None) -> dict:
+    """The variables a scene template sees. `character` = trigger words + description; each prompt
+    variable (`vars:`) as `{{ NAME }}` and `{{ vars.NAME }}` (validation refuses a var named like a
+    built-in variable, so the two spellings never disagree)."""
     trigger = ", ".join(trigger_words)
     character = ", ".join(part for part in (trigger, description) if part)
+    own = dict(variables or {})
     return {
+        **own,
+        "vars": own,
         "character": character,
         "name": character_name or "",
         "description": description,

@@ -10,7 +10,7 @@ import torch
 from _render_helpers import job
 
 from core.errors import JobError
-from renderer import builtins, models
+from renderer import builtins
 from renderer.pipeline import JobRenderer
 from schemas.job import ResolvedModel
 
@@ -63,8 +63,10 @@ def test_parity_with_plain_diffusers_on_the_exported_folder(renderer, exported):
 
 
 def test_every_scheduler_runs_and_options_do_not_leak(renderer):
+    from schemas.schedulers import SCHEDULERS
+
     images = {}
-    for name in models.SCHEDULERS:
+    for name in SCHEDULERS:
         images[name] = np.array(renderer.render(job(scheduler=name)).image)
         assert images[name].std() > 1.0, name
     assert not np.array_equal(images["euler"], images["euler_a"])
@@ -73,7 +75,14 @@ def test_every_scheduler_runs_and_options_do_not_leak(renderer):
     assert np.array_equal(np.array(renderer.render(job(scheduler="euler")).image), images["euler"])
     from renderer.png_metadata import A1111_SAMPLERS
 
-    assert set(A1111_SAMPLERS) == set(models.SCHEDULERS)
+    assert set(A1111_SAMPLERS) == set(SCHEDULERS)
+    # Trailing spacing is a different sampler schedule: same class as euler, other pixels.
+    assert not np.array_equal(images["euler"], images["euler_trailing"])
+    assert not np.array_equal(images["lcm"], images["tcd"])
+    renderer.render(job(scheduler="lcm"))
+    assert type(renderer.pipe.scheduler).__name__ == "LCMScheduler"  # the name builds what it promises
+    renderer.render(job(scheduler="euler_trailing"))
+    assert renderer.pipe.scheduler.config.timestep_spacing == "trailing"
 
 
 def test_oom_retries_once_with_the_fallback(exported, renderer, monkeypatch):

@@ -217,3 +217,79 @@ def test_a_vae_override_is_in_every_key_and_its_bytes_matter(proj):
         with pytest.raises(SpecErrors) as err:
             load_plan([proj / "spec.yaml"])
         assert "performance.vae" in str(err.value) and message in str(err.value), (bad, str(err.value))
+
+
+# --- few-step samplers: the fast preset, registry recommendations, keys over scheduler configs ---
+
+FAST = SPEC.replace(
+    "  bg_lora: {path: bg.safetensors, kind: background, trigger_words: [parkstyle]}",
+    "  bg_lora: {path: bg.safetensors, kind: background, trigger_words: [parkstyle]}\n"
+    "  lightning: {path: bg.safetensors, kind: style, recommended: {scheduler: euler_trailing, "
+    "num_inference_steps: 4, guidance_scale: 1.0}}\n"
+    "  lcm_lora: {path: hero.safetensors, kind: style, recommended: {scheduler: lcm, num_inference_steps: 6}}",
+).replace("""  base:
+    characters: [hero]
+    scenes: [park]
+    use_loras: false
+""", """  base:
+    characters: [hero]
+    scenes: [park]
+    use_loras: false
+  quick:
+    characters: [sidekick]
+    scenes: [park]
+    presets: [fast]
+  distilled:
+    characters: [sidekick]
+    scenes: [park]
+    loras: [lightning]
+    use_recommended: true
+  distilled_own_steps:
+    characters: [sidekick]
+    scenes: [park]
+    loras: [lightning]
+    use_recommended: true
+    num_inference_steps: 8
+  ignores_recommendation:
+    characters: [sidekick]
+    scenes: [park]
+    loras: [lightning]
+""")
+
+
+def _jobs(root: Path, text: str) -> dict:
+    (root / "spec.yaml").write_text(text)
+    return {j.job: j for j in load_plan([root / "spec.yaml"]).jobs}
+
+
+def test_fast_preset_and_recommended_settings_layer_as_documented(proj):
+    jobs = _jobs(proj, FAST)
+    quick = jobs["quick"]
+    assert (quick.scheduler, quick.num_inference_steps, quick.guidance_scale) == ("euler_trailing", 4, 1.0)
+    distilled = jobs["distilled"]
+    assert (distilled.scheduler, distilled.num_inference_steps, distilled.guidance_scale) == ("euler_trailing", 4, 1.0)
+    assert jobs["distilled_own_steps"].num_inference_steps == 8  # the job's own value wins
+    assert jobs["distilled_own_steps"].scheduler == "euler_trailing"
+    plain = jobs["ignores_recommendation"]  # without use_recommended the preset's settings stay
+    assert (plain.scheduler, plain.num_inference_steps) == ("euler_a", 4)
+
+
+def test_conflicting_recommendations_are_an_error_naming_both_loras(proj):
+    from core.errors import CastbookError
+
+    text = FAST.replace("loras: [lightning]\n    use_recommended: true\n    num_inference_steps: 8",
+                        "loras: [lightning, lcm_lora]\n    use_recommended: true\n    num_inference_steps: 8")
+    with pytest.raises(CastbookError, match="`lcm_lora` and `lightning` recommend different scheduler"):
+        _jobs(proj, text)
+
+
+def test_keys_cover_the_scheduler_config_not_only_its_name(proj, monkeypatch):
+    from schemas import schedulers
+
+    before = _jobs(proj, FAST)
+    recipe = schedulers.SCHEDULERS["euler_trailing"]
+    monkeypatch.setitem(schedulers.SCHEDULERS, "euler_trailing",
+                        recipe.model_copy(update={"config": {"timestep_spacing": "leading"}}))
+    after = _jobs(proj, FAST)
+    assert before["quick"].key != after["quick"].key
+    assert before["base"].key == after["base"].key  # other schedulers' keys stay

@@ -114,8 +114,7 @@ def test_output_has_training_metadata_and_checkpoints_are_pruned(trained):
 
 def _job(root: Path, loras=()) -> RenderJob:
     from renderer.builtins import builtin_digest
-    from schemas.expand import job_key
-    from schemas.job import ResolvedModel
+    from schemas.job import ResolvedModel, job_key
 
     job = RenderJob(key="", name="t", job="t", character=None, scene="s", preset="p", prompt="zqx, a red circle",
                     negative_prompt="", seed=3, width=32, height=32, num_inference_steps=2, guidance_scale=1.0,

@@ -17,8 +17,7 @@ from typing import Callable
 
 from core.digests import file_digest
 from core.files import atomic_write_bytes
-from schemas.expand import job_key
-from schemas.job import RenderJob, ResolvedLora
+from schemas.job import RenderJob, ResolvedLora, job_key
 from schemas.training import TrainingSpec
 from trainer.export import save_diffusers_lora
 

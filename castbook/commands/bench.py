@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from schemas.schedulers import SCHEDULERS
+
 DESCRIPTION = """Render a fixed job set twice in one process — through castbook's actor path and through a
 bare diffusers loop on the same pipeline — and print s/image p50/p95 of both, the overhead
 ratio, peak memory, model load, first-compile and LoRA switch times, and (on a GPU) the
@@ -44,6 +46,8 @@ def register(subparsers) -> None:
     p.add_argument("--controlnet", action="store_true", help="add one ControlNet (preprocess: false control map)")
     p.add_argument("--batch", type=int, default=0, help="also time one batched bare call of N jobs (default off)")
     p.add_argument("--guidance", type=float, default=5.0, help="guidance_scale (> 1 means CFG, a doubled batch)")
+    p.add_argument("--scheduler", default="euler", choices=sorted(SCHEDULERS),
+                   help="sampler of every job (default euler); lcm, tcd, euler_trailing are the few-step ones")
     p.add_argument("--device", default=None, help="cuda:0 or cpu (default: cuda:0 when available)")
     p.add_argument("--channels-last", action="store_true", help="UNet and VAE in channels_last memory format")
     p.add_argument("--fuse-qkv", action="store_true", help="fuse q/k/v projections (not with --loras)")
@@ -66,7 +70,7 @@ def run(args) -> int:
                             compile=args.compile, compile_mode=args.compile_mode, compile_backend=args.compile_backend,
                             dtype=args.dtype, loras=args.loras, lora_rank=args.lora_rank, hotswap=args.hotswap,
                             switch_both=args.switch_both, controlnet=args.controlnet, batch=args.batch,
-                            guidance_scale=args.guidance, device=args.device, channels_last=args.channels_last,
+                            guidance_scale=args.guidance, scheduler=args.scheduler, device=args.device, channels_last=args.channels_last,
                             fuse_qkv=args.fuse_qkv)
         _quiet_libraries()
         progress = (lambda msg: print(msg, file=sys.stderr)) if args.json else print
