@@ -76,33 +76,3 @@ def check_output_root(out: Path, option: str = "--out") -> Path:
 
     fix = f"give {option} a folder you can write to (it is created if missing), e.g. {option} runs"
     return ensure_writable_folder(out, option, fix)
-
-
-def check_cache_home(model_refs) -> None:
-    """Raise InputError when a built-in the command will build is not saved yet and the cache home
-    ($CASTBOOK_HOME, default ~/.cache/castbook) cannot be written. Saved built-ins need no writes."""
-    from core.home import HOME_ENV, builtins_dir, castbook_home
-    from core.paths import ensure_writable_folder
-    from schemas.builtins import BUILTIN_RECIPES, SHIPPED_WEIGHTS
-
-    built = {r.removeprefix("builtin:").split("@")[0] for r in model_refs if str(r).startswith("builtin:")}
-    if "tiny-controlnet" in built:
-        built.add("tiny-sdxl")  # the ControlNet is built from the saved tiny UNet
-    to_save = sorted(n for n in built if n in BUILTIN_RECIPES and n not in SHIPPED_WEIGHTS and n != "sdxl-random"
-                     and not (builtins_dir() / f"{n}-r{BUILTIN_RECIPES[n]}").is_dir())
-    if to_save:
-        names = ", ".join(f"builtin:{n}" for n in to_save)
-        ensure_writable_folder(
-            builtins_dir(), "the model cache",
-            f"castbook saves {names} there once; set {HOME_ENV} (now {castbook_home()}) to a writable folder")
-
-
-def plan_model_refs(plan, scorer: bool = True) -> set[str]:
-    """Every model a plan loads: base models, VAEs, ControlNets and (with `scorer`) the scorer."""
-    refs = {str((plan.scoring or {}).get("model") or "builtin:tiny-clip")} if scorer else set()
-    for job in plan.jobs:
-        refs.add(job.base_model.ref)
-        refs.update(c.model.ref for c in job.controls)
-        if job.vae is not None:
-            refs.add(job.vae.ref)
-    return refs

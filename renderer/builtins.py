@@ -385,3 +385,22 @@ def export_builtin(name: str, out_dir: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def check_cache_home(model_refs) -> None:
+    """Raise InputError when a built-in that will be built is not saved yet and the cache home
+    ($CASTBOOK_HOME, default ~/.cache/castbook) cannot be written. Saved built-ins need no writes."""
+    from core.home import HOME_ENV, castbook_home
+    from core.paths import ensure_writable_folder
+    from schemas.builtins import SHIPPED_WEIGHTS
+
+    built = {r.removeprefix("builtin:").split("@")[0] for r in model_refs if str(r).startswith("builtin:")}
+    if "tiny-controlnet" in built:
+        built.add("tiny-sdxl")  # the ControlNet is built from the saved tiny UNet
+    to_save = sorted(n for n in built if n in BUILTIN_RECIPES and n not in SHIPPED_WEIGHTS and n != "sdxl-random"
+                     and not (builtins_dir() / f"{n}-r{BUILTIN_RECIPES[n]}").is_dir())
+    if to_save:
+        names = ", ".join(f"builtin:{n}" for n in to_save)
+        ensure_writable_folder(
+            builtins_dir(), "the model cache",
+            f"castbook saves {names} there once; set {HOME_ENV} (now {castbook_home()}) to a writable folder")

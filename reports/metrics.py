@@ -25,6 +25,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from core.digests import file_digest
+from core.errors import InputError
 from core.files import (
     atomic_write_bytes,
     atomic_write_json,
@@ -52,6 +53,10 @@ TINY_CLIP_CONFIG = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
 _BATCH = 16
+
+
+class ScoringError(InputError):
+    """The spec's or the run's `scoring` settings cannot be used (a model, weights or DINO folder)."""
 
 
 def _tiny_clip_dir() -> Path:
@@ -142,9 +147,8 @@ class _EmbeddingCache:
 
     def __init__(self, root: Path | None, identity: str):
         self.root = None if root is None else Path(root) / hashlib.sha256(identity.encode()).hexdigest()[:16]
+        self.identity = identity
         self.memory: dict[tuple[str, str], np.ndarray] = {}
-        if self.root is not None and not (self.root / "identity.txt").exists():
-            atomic_write_text(self.root / "identity.txt", identity + "\n")
 
     def get(self, kind: str, digest: str) -> np.ndarray | None:
         hit = self.memory.get((kind, digest))
@@ -169,6 +173,8 @@ class _EmbeddingCache:
             return
         from safetensors.numpy import save  # noqa: PLC0415
 
+        if not (self.root / "identity.txt").exists():  # written with the first entry: a scorer that
+            atomic_write_text(self.root / "identity.txt", self.identity + "\n")  # embeds nothing writes nothing
         atomic_write_bytes(self.root / kind / f"{digest}.safetensors", save({"e": vec}))
 
 
@@ -222,34 +228,34 @@ class ClipScorer:
         self._digests = _DigestMemo(cache_dir)
         if model == BUILTIN_TINY_CLIP:
             if weights is not None:
-                raise ValueError(f"scoring.weights={str(weights)!r} was given with model {model!r}; "
+                raise ScoringError(f"scoring.weights={str(weights)!r} was given with model {model!r}; "
                                  "built-ins need no weights: remove scoring.weights")
             self._config, self.weights = ensure_tiny_clip()
             self._arch = TINY_CLIP_NAME
         elif model == BUILTIN_TOY_CLIP:
             if weights is not None:
-                raise ValueError(f"scoring.weights={str(weights)!r} was given with model {model!r}; "
+                raise ScoringError(f"scoring.weights={str(weights)!r} was given with model {model!r}; "
                                  "built-ins need no weights: remove scoring.weights")
             self._config = TOY_CLIP_DIR / f"{TOY_CLIP_NAME}.json"
             self.weights = TOY_CLIP_DIR / "open_clip_model.safetensors"
             if not self.weights.is_file():
-                raise FileNotFoundError(f"{model} weights {self.weights} are missing; retrain them with "
+                raise ScoringError(f"{model} weights {self.weights} are missing; retrain them with "
                                         "`castbook toymodel train-clip specs/toy/toy-clip.yaml`")
             self._arch = TOY_CLIP_NAME
         else:
             if model.startswith(("hf-hub:", "local-dir:")) or model.startswith("builtin:"):
-                raise ValueError(f"scoring.model={model!r} is not supported: use {BUILTIN_TINY_CLIP!r} or an "
+                raise ScoringError(f"scoring.model={model!r} is not supported: use {BUILTIN_TINY_CLIP!r} or an "
                                  "open_clip architecture name such as 'ViT-L-14' with scoring.weights "
                                  "set to a local .safetensors file")
             if weights is None:
-                raise ValueError(f"scoring.model={model!r} needs scoring.weights: a local .safetensors file "
+                raise ScoringError(f"scoring.model={model!r} needs scoring.weights: a local .safetensors file "
                                  "(castbook never downloads models)")
             weights = Path(weights)
             if weights.suffix != ".safetensors":
-                raise ValueError(f"scoring.weights={str(weights)!r} is not a .safetensors file; convert it "
+                raise ScoringError(f"scoring.weights={str(weights)!r} is not a .safetensors file; convert it "
                                  "(castbook does not unpickle checkpoints)")
             if not weights.is_file():
-                raise FileNotFoundError(f"scoring.weights={str(weights)!r} does not exist")
+                raise ScoringError(f"scoring.weights={str(weights)!r} does not exist")
             self._config = None
             self.weights = weights
             self._arch = model
@@ -270,7 +276,7 @@ class ClipScorer:
         if self._config is not None:
             open_clip.add_model_config(self._config)
         if self._arch not in open_clip.list_models():
-            raise ValueError(f"scoring.model={self._arch!r} is not an open_clip architecture; "
+            raise ScoringError(f"scoring.model={self._arch!r} is not an open_clip architecture; "
                              f"known names include ViT-B-32, ViT-L-14, ViT-H-14")
         model, _, preprocess = open_clip.create_model_and_transforms(
             self._arch, pretrained=str(self.weights), device=self.device)
@@ -334,7 +340,7 @@ class DinoScorer:
         folder = Path(folder)
         weights = folder / "model.safetensors"
         if not (folder / "config.json").is_file() or not weights.is_file():
-            raise FileNotFoundError(f"scoring.dino={str(folder)!r} must be a local folder with config.json and "
+            raise ScoringError(f"scoring.dino={str(folder)!r} must be a local folder with config.json and "
                                     "model.safetensors (a transformers DINOv2 checkpoint)")
         self.folder = folder
         self.device = device or os.environ.get("CASTBOOK_SCORING_DEVICE", "cpu")

@@ -15,6 +15,14 @@ from pydantic import BaseModel, ValidationError
 
 from schemas.loader import ErrorSink, Loc
 
+# What A1111, ComfyUI and kohya call castbook's (diffusers') settings: a spec written from
+# habit gets the right name, not a guess.
+OTHER_TOOLS_SPELLINGS = {
+    "cfg": "guidance_scale", "cfg_scale": "guidance_scale",
+    "steps": "num_inference_steps", "sampling_steps": "num_inference_steps",
+    "sampler": "scheduler", "sampler_name": "scheduler",
+}
+
 
 def _unwrap(tp: Any) -> list[Any]:
     """Annotated/Optional/Union → the concrete member types."""
@@ -84,8 +92,14 @@ def validation_errors(exc: ValidationError, data: Any, model_cls: type[BaseModel
         if kind == "extra_forbidden":
             parent, key = loc[:-1], loc[-1] if loc else ""
             allowed = fields_at(model_cls, parent)
+            other_tool = OTHER_TOOLS_SPELLINGS.get(str(key))
             close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
-            hint = f"did you mean `{close[0]}`?" if close else f"allowed: {', '.join(allowed)}"
+            if other_tool in allowed:
+                hint = f"castbook calls it `{other_tool}` (diffusers' name)"
+            elif close:
+                hint = f"did you mean `{close[0]}`?"
+            else:
+                hint = f"allowed: {', '.join(allowed)}"
             sink.add(loc, f"unknown key `{key}`; {hint}")
         elif kind == "missing":
             missing = raw_loc[-1] if raw_loc else "?"

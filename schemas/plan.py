@@ -50,6 +50,16 @@ class Plan:
     performance: dict = field(default_factory=dict)
     scoring: dict = field(default_factory=dict)
 
+    def model_refs(self, scorer: bool = True) -> set[str]:
+        """Every model the plan loads: base models, VAEs, ControlNets and (with `scorer`) the scorer."""
+        refs = {str((self.scoring or {}).get("model") or "builtin:tiny-clip")} if scorer else set()
+        for job in self.jobs:
+            refs.add(job.base_model.ref)
+            refs.update(c.model.ref for c in job.controls)
+            if job.vae is not None:
+                refs.add(job.vae.ref)
+        return refs
+
     @property
     def max_lora_rank(self) -> int | None:
         ranks = [lora.rank for lora in self.spec.loras.values() if lora.rank]

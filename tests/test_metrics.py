@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from reports import metrics
-from reports.metrics import ClipScorer, ceiling, clip_i, cosine
+from reports.metrics import ClipScorer, ScoringError, ceiling, clip_i, cosine
 from tests.reports_fixtures import castbook_home, draw, save_png  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.usefixtures("castbook_home")
@@ -118,7 +118,7 @@ def test_cache_is_per_model_identity(pics, tmp_path):
     ("builtin:tiny-clip", "x.safetensors", "need no weights"),
 ])
 def test_bad_scoring_config_is_a_clear_error(model, weights, match, tmp_path):
-    with pytest.raises((ValueError, FileNotFoundError), match=match):
+    with pytest.raises(ScoringError, match=match):
         ClipScorer(model, weights=None if weights is None else tmp_path / weights)
 
 

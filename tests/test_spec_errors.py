@@ -44,6 +44,12 @@ def project(tmp_path: Path) -> Path:
 CASES = [
     ("typo_key", {"spec.yaml": BASE + "    guidance: 5\n"}, "spec.yaml", 13, "jobs.main.guidance",
      "unknown key `guidance`; did you mean `guidance_scale`?"),
+    ("a1111_cfg", {"spec.yaml": BASE + "    cfg: 5\n"}, "spec.yaml", 13, "jobs.main.cfg",
+     "unknown key `cfg`; castbook calls it `guidance_scale`"),
+    ("comfy_sampler_name", {"spec.yaml": BASE + "    sampler_name: euler\n"}, "spec.yaml", 13, "jobs.main.sampler_name",
+     "unknown key `sampler_name`; castbook calls it `scheduler`"),
+    ("kohya_steps", {"spec.yaml": BASE + "    steps: 30\n"}, "spec.yaml", 13, "jobs.main.steps",
+     "unknown key `steps`; castbook calls it `num_inference_steps`"),
     ("wrong_type", {"spec.yaml": BASE + "    images_per_seed: many\n"}, "spec.yaml", 13, "jobs.main.images_per_seed",
      "valid integer"),
     ("unknown_lora", {"spec.yaml": BASE.replace("    description: a hero\n", "    description: a hero\n    loras: [luca_v2]\n")},

@@ -26,13 +26,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from core.errors import InputError  # noqa: PLC0415
     from reports.analysis import analyze  # noqa: PLC0415
 
-    try:  # an unreadable run raises RunDirError, which `main` prints (exit 2)
-        a = analyze(args.run_dir, history=False)
-    except (ValueError, FileNotFoundError) as e:  # reports.metrics' checks of the run's `scoring` settings
-        raise InputError(str(e)) from e
+    # An unreadable run (RunDirError) or unusable scoring settings (ScoringError) reach `main`: exit 2.
+    a = analyze(args.run_dir, history=False)
     res = a.results
     for name, c in res["characters"].items():
         rate = "n/a" if c["pass_rate"] is None else f"{c['pass_rate']:.2f}"

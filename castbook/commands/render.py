@@ -5,14 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from castbook.common import (
-    add_spec_args,
-    check_cache_home,
-    check_output_root,
-    command_parser,
-    load_plan_args,
-    plan_model_refs,
-)
+from castbook.common import add_spec_args, check_output_root, command_parser, load_plan_args
 
 
 def register(subparsers) -> None:
@@ -49,6 +42,7 @@ def _write_reports(run_dir: Path, quiet: bool) -> Path | None:
 
 
 def run(args) -> int:
+    from renderer.builtins import check_cache_home
     from renderer.outputs import RunLocked
     from renderer.runner import run_render
 
@@ -60,9 +54,9 @@ def run(args) -> int:
         what = f" matching --only {args.only!r}" if args.only else ""
         print(f"castbook render: the spec has no jobs{what}; nothing to render", file=sys.stderr)
         return 2
-    # Before any work: built-ins not saved yet need a writable cache; --out must be a writable folder.
-    check_cache_home(plan_model_refs(plan, scorer=not args.no_report))
+    # Before any work: --out must be a writable folder; built-ins not saved yet need a writable cache.
     check_output_root(args.out)
+    check_cache_home(plan.model_refs(scorer=not args.no_report))
     try:
         result = run_render(
             plan, out_dir=args.out, executor=args.executor, ray_address=args.ray_address, actors=args.actors,

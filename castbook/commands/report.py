@@ -20,13 +20,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from core.errors import InputError  # noqa: PLC0415
     from reports import write_reports  # noqa: PLC0415 - heavy imports only when the command runs
 
-    try:  # RunDirError and OSErrors inside run_dir reach `main`: exit 2
-        paths = write_reports(args.run_dir)
-    except (ValueError, FileNotFoundError) as e:  # reports.metrics' checks of the run's `scoring` settings
-        raise InputError(str(e)) from e
+    # RunDirError, ScoringError and OSErrors inside run_dir reach `main`: exit 2.
+    paths = write_reports(args.run_dir)
     print(f"reports written to {Path(args.run_dir)}:")
     for name in ("report", "consistency", "benchmark", "diff", "results"):
         print(f"  {paths[name]}")

@@ -41,9 +41,9 @@ def register(subparsers) -> None:
 
 
 def _root_for(spec_path: Path) -> Path:
-    from schemas.loader import find_project_root
+    from castbook.common import resolve_root
 
-    return find_project_root(spec_path.absolute())
+    return resolve_root(argparse.Namespace(root=None), spec_path)  # the one default root; no --root here
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from castbook.common import command_parser
+from castbook.common import add_root_arg, command_parser, resolve_root
 
 
 def register(subparsers) -> None:
@@ -14,7 +14,7 @@ def register(subparsers) -> None:
         "castbook train specs/training/toy_character.yaml --resume",
     )
     parser.add_argument("spec", type=Path, help="training spec YAML")
-    parser.add_argument("--root", type=Path, default=None, help="project root (paths in the spec are relative to it; default: cwd)")
+    add_root_arg(parser)  # the same default as every command: the spec's project, not the cwd
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this spec's run")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--executor", choices=("local", "ray"), default="local",
@@ -30,7 +30,7 @@ def clip_i_scorer(spec, root: Path):
     """The trainer's sample scorer for `spec.evaluation` (None without references): mean CLIP-I of
     the sample images to the reference images, with `reports.metrics`. Module-level, so Ray sends it
     to the training worker by reference and the CLIP model loads there."""
-    from reports.metrics import ClipScorer, clip_i
+    from reports.metrics import ClipScorer, ScoringError, clip_i
     from trainer.errors import TrainingError
     from trainer.train import TrainPaths
 
@@ -40,7 +40,7 @@ def clip_i_scorer(spec, root: Path):
     weights = root / ev.scoring_weights if ev.scoring_weights else None
     try:
         scorer = ClipScorer(ev.scoring_model, weights=weights, cache_dir=TrainPaths.for_spec(spec, root).cache / "clip")
-    except (ValueError, FileNotFoundError) as exc:  # its messages name the setting and the fix
+    except ScoringError as exc:  # its messages name the setting and the fix
         raise TrainingError(f"evaluation: {exc}") from exc
 
     def score_images(images: list[Path], references: list[Path]) -> float:
@@ -59,7 +59,7 @@ def run(args) -> int:
     if args.ray_address and args.executor != "ray":
         print(f"castbook train: --ray-address {args.ray_address} needs --executor ray", file=sys.stderr)
         return 2
-    root = (args.root or Path.cwd()).resolve()
+    root = resolve_root(args, args.spec)
     try:
         spec = load_training_spec(args.spec, root)
     except SpecErrors as exc:
