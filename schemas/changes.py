@@ -31,6 +31,7 @@ class JobChange:
     previous_key: str | None = None
     reasons: tuple[str, ...] = ()  # human-readable, one per changed pixel field
     fields: dict = field(default_factory=dict)  # path -> {"before": ..., "after": ...}
+    cached: bool = False  # its image is in the output root's cache: it will not render
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,9 @@ class ChangeSet:
         return {
             "previous_run": self.previous_run,
             "counts": {s: self.count(s) for s in ("new", "unchanged", "rerender")} | {"removed": len(self.removed)},
-            "jobs": [{"name": c.name, "key": c.key, "status": c.status, "previous_key": c.previous_key,
-                      "reasons": list(c.reasons), "fields": c.fields} for c in self.jobs],
+            "jobs": [{"name": c.name, "key": c.key, "status": c.status, "cached": c.cached,
+                      "previous_key": c.previous_key, "reasons": list(c.reasons), "fields": c.fields}
+                     for c in self.jobs],
             "removed": list(self.removed),
         }
 
@@ -100,15 +102,17 @@ def plan_changes(jobs: list[RenderJob], previous: list[RenderJob] | None, cached
                  previous_run: str | None = None) -> ChangeSet:
     """Compare a plan with the previous run's jobs. Pure.
 
-    A job whose key is cached (or was finished by the previous run) is `unchanged`; a job whose
-    name existed with another key is `rerender` with the fields that changed; the rest are `new`.
+    A job whose key is cached, or that the previous run planned with the same key, is `unchanged`
+    (`cached` says whether its image is still there to reuse); a job whose name existed with another
+    key is `rerender` with the fields that changed; the rest are `new`.
     """
     before = {j.name: j for j in previous or []}
     changes = []
     for job in jobs:
         old = before.get(job.name)
-        if job.key in cached_keys or (old is not None and old.key == job.key):
-            changes.append(JobChange(job.name, job.key, "unchanged", old.key if old else None))
+        cached = job.key in cached_keys
+        if cached or (old is not None and old.key == job.key):
+            changes.append(JobChange(job.name, job.key, "unchanged", old.key if old else None, cached=cached))
         elif old is None:
             changes.append(JobChange(job.name, job.key, "new"))
         else:

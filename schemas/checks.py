@@ -13,8 +13,17 @@ from schemas.builtins import CONTROLNET_MODELS
 from schemas.job import SchedulerName
 from schemas.loader import ErrorSink
 from schemas.presets import PresetError, resolve_presets
-from schemas.spec import BuiltinModel, JobMatrix, SeedRange, Spec
-from schemas.templates import PromptTemplateError, prompt_variables, render_prompt
+from schemas.spec import (
+    BuiltinModel,
+    JobMatrix,
+    SeedRange,
+    Spec,
+    merged_vars,
+    var_label,
+    var_label_clash,
+    var_values,
+)
+from schemas.templates import TEMPLATE_VARIABLES, PromptTemplateError, prompt_variables, render_prompt
 
 SCHEDULERS = get_args(SchedulerName)
 
@@ -55,7 +64,19 @@ def job_axes(job: JobMatrix, default_presets: int = 1) -> dict[str, int]:
 
 
 def count_jobs(spec: Spec) -> dict[str, tuple[int, dict[str, int]]]:
-    return {name: (math.prod(axes.values()), axes) for name, job in spec.jobs.items() for axes in [job_axes(job)]}
+    """Per job matrix: (job count, axis sizes). `vars` axes can differ per character and scene, so
+    their combinations are summed over the matrix's (character, scene) pairs."""
+    out = {}
+    for name, job in spec.jobs.items():
+        axes = {k: v for k, v in job_axes(job).items() if not k.startswith("sweep vars.")}
+        others = math.prod(v for k, v in axes.items() if k not in ("characters", "scenes"))
+        pairs = [(spec.characters.get(c) if c else None, spec.scenes.get(s))
+                 for c in job.characters or [None] for s in job.scenes]
+        combos = [math.prod(len(v) for v in merged_vars(c, s, job).values()) for c, s in pairs if s is not None]
+        if max(combos, default=1) > 1:
+            axes["vars (largest)"] = max(combos)
+        out[name] = (others * (sum(combos) if combos else len(pairs)), axes)
+    return out
 
 
 def job_count_error(spec: Spec) -> tuple[str, str] | None:
@@ -137,27 +158,56 @@ def check_references(spec: Spec, sink: ErrorSink) -> None:
                 if parts[1] not in types:
                     sink.add(loc, f"no scene of job `{jname}` has a `{parts[1]}` control to sweep")
             for j, value in enumerate(values):
-                problem = _sweep_value_problem(parts[0] if parts[0] in ("loras", "controls") else axis, value)
+                problem = _sweep_value_problem(parts[0] if parts[0] in ("loras", "controls", "vars") else axis, value)
                 if problem:
                     sink.add(loc + (j,), problem)
 
-    # 4. job-count guard, before anything enumerates
+    # 4. prompt variables: a name of its own (never a built-in template variable's)
+    owners = [(("characters", n), c) for n, c in spec.characters.items()] + \
+             [(("scenes", n), s) for n, s in spec.scenes.items()] + [(("jobs", n), j) for n, j in spec.jobs.items()]
+    def clash(values: list, loc) -> None:
+        pair = var_label_clash([str(v) for v in values])
+        if pair:
+            sink.add(loc, f"values {pair[0]!r} and {pair[1]!r} would name the same images "
+                          f"(`{var_label(pair[0])}`): image names keep only letters, digits, `_` and `.`; "
+                          "make them differ there, or drop the duplicate")
+
+    for loc, owner in owners:
+        for var, value in owner.vars.items():
+            clash(var_values(value), loc + ("vars", var))
+            if var in TEMPLATE_VARIABLES:
+                sink.add(loc + ("vars", var), f"`{var}` is a built-in prompt variable ({', '.join(TEMPLATE_VARIABLES)}); "
+                                              "give the variable another name")
+    for jname, job in spec.jobs.items():
+        for axis, values in job.sweep.items():
+            if axis.startswith("vars."):
+                clash(values, ("jobs", jname, "sweep", axis))
+            if axis.startswith("vars.") and axis.removeprefix("vars.") in TEMPLATE_VARIABLES:
+                sink.add(("jobs", jname, "sweep", axis), f"`{axis.removeprefix('vars.')}` is a built-in prompt "
+                                                         "variable; sweep a variable of your own")
+
+    # 5. job-count guard, before anything enumerates
     too_many = job_count_error(spec)
     if too_many:
         sink.add(("jobs", too_many[0]), too_many[1])
         return
 
-    # 5. templates: render each scene with each character it is used with
-    rendered: set[tuple[str, str | None]] = set()
-    for job in spec.jobs.values():
+    # 6. templates: render each scene with each character it is used with
+    # (scene, character, variable names): a scene is rendered again when a job gives it other variables.
+    rendered: set[tuple[str, str | None, tuple[str, ...]]] = set()
+    for jname, job in spec.jobs.items():
         for sname in job.scenes:
             for cname in job.characters or [None]:
-                if (sname, cname) in rendered or sname not in spec.scenes or (cname and cname not in spec.characters):
+                if sname not in spec.scenes or (cname and cname not in spec.characters):
                     continue
-                rendered.add((sname, cname))
                 character = spec.characters.get(cname) if cname else None
+                # The first value of every variable: templates are the same for all of them.
+                first = {k: v[0] for k, v in merged_vars(character, spec.scenes[sname], job).items()}
+                if (sname, cname, tuple(first)) in rendered:
+                    continue
+                rendered.add((sname, cname, tuple(first)))
                 variables = prompt_variables(cname, character.description if character else "",
-                                             character.trigger_words if character else [], sname)
+                                             character.trigger_words if character else [], sname, first)
                 problem = template_problem(spec.scenes[sname].prompt)
                 if problem:
                     sink.add(("scenes", sname, "prompt"), problem)
@@ -165,15 +215,17 @@ def check_references(spec: Spec, sink: ErrorSink) -> None:
                 try:
                     render_prompt(spec.scenes[sname].prompt, variables)
                 except PromptTemplateError as exc:
-                    sink.add(("scenes", sname, "prompt"), str(exc) + (f" (with character `{cname}`)" if cname else ""))
+                    used = f"character `{cname}`, job `{jname}`" if cname else f"job `{jname}`"
+                    sink.add(("scenes", sname, "prompt"), f"{exc} (with {used})")
     for sname, scene in spec.scenes.items():
-        if not any(sname == s for s, _ in rendered):
+        if not any(sname == s for s, _, _ in rendered):
             problem = template_problem(scene.prompt)
             if problem:
                 sink.add(("scenes", sname, "prompt"), problem)
                 continue
             try:  # unused scenes still get a syntax and sandbox check
-                render_prompt(scene.prompt, prompt_variables("", "", [], sname))
+                render_prompt(scene.prompt, prompt_variables("", "", [], sname,
+                                                             {k: var_values(v)[0] for k, v in scene.vars.items()}))
             except PromptTemplateError as exc:
                 sink.add(("scenes", sname, "prompt"), str(exc))
 
@@ -213,4 +265,6 @@ def _sweep_value_problem(axis: str, value) -> str | None:
         return None if number and -4 <= value <= 4 else f"LoRA weight must be a number -4..4, got {value!r}"
     if axis == "controls":
         return None if number and 0 <= value <= 4 else f"control scale must be a number 0..4, got {value!r}"
+    if axis == "vars":
+        return None if isinstance(value, str) or number else f"a prompt variable's value is text, got {value!r}"
     return None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import math
 import re
 
 from core.errors import CastbookError
@@ -16,7 +15,7 @@ from schemas.builtins import DEFAULT_CONTROLNET, builtin_digest
 from schemas.checks import job_count_error, seed_list
 from schemas.job import RenderJob, ResolvedControl, ResolvedLora, ResolvedModel, job_key
 from schemas.presets import resolve_presets
-from schemas.spec import BuiltinModel, DiffusersFolder, SingleFile, Spec, var_values
+from schemas.spec import BuiltinModel, DiffusersFolder, SingleFile, Spec, merged_vars, var_label
 from schemas.templates import prompt_variables, render_prompt
 
 NO_CHARACTER = "nocharacter"
@@ -71,7 +70,7 @@ def _sweep_suffix(combo: dict) -> str:
     for axis, value in sorted(combo.items()):  # sorted: reordering sweep keys keeps names
         pieces = axis.split(".")
         if pieces[0] == "vars":  # free text: only what is safe in a file name
-            parts.append(f"{pieces[1]}={re.sub(r'[^A-Za-z0-9_.]+', '_', str(value)).strip('_.')[:40] or '_'}")
+            parts.append(f"{pieces[1]}={var_label(value)}")
             continue
         short = pieces[1] if pieces[0] in ("loras", "controls") else SWEEP_SHORT[axis]
         parts.append(f"{short}={_format_value(value)}")
@@ -138,32 +137,10 @@ def expand(spec: Spec, digests: dict[str, str]) -> list[RenderJob]:
 
 
 def var_combinations(character, scene, job) -> list[dict[str, str]]:
-    """Every combination of a (character, scene, job)'s prompt variables, in name order. Pure.
-
-    The job's `vars` override the scene's, which override the character's; a `vars.NAME` sweep
-    axis overrides all three. A variable with several values is an axis.
-    """
-    merged: dict[str, list[str]] = {}
-    for owner in (character, scene, job):
-        for name, value in (owner.vars if owner is not None else {}).items():
-            merged[name] = var_values(value)
-    for axis, values in job.sweep.items():
-        if axis.startswith("vars."):
-            merged[axis.removeprefix("vars.")] = [str(v) for v in values]
-    names = sorted(merged)
-    return [dict(zip(names, values)) for values in itertools.product(*(merged[n] for n in names))]
-
-
-def count_var_combinations(character, scene, job) -> int:
-    """len(var_combinations(...)) without enumerating them (the job-count guard runs first)."""
-    merged: dict[str, int] = {}
-    for owner in (character, scene, job):
-        for name, value in (owner.vars if owner is not None else {}).items():
-            merged[name] = len(var_values(value))
-    for axis, values in job.sweep.items():
-        if axis.startswith("vars."):
-            merged[axis.removeprefix("vars.")] = len(values)
-    return math.prod(merged.values())
+    """Every combination of a (character, scene, job)'s prompt variables (`merged_vars`), in name
+    order. Pure and deterministic: no sampling, so keys stay content-derived."""
+    merged = merged_vars(character, scene, job)
+    return [dict(zip(merged, values)) for values in itertools.product(*merged.values())]
 
 
 def _scene_jobs(spec: Spec, digests: dict[str, str], presets: dict, base_model, vae, dtype, jname: str, job,
@@ -172,8 +149,8 @@ def _scene_jobs(spec: Spec, digests: dict[str, str], presets: dict, base_model, 
     """The jobs of one (job matrix, character, scene, prompt-variable combination)."""
     jobs: list[RenderJob] = []
     # Variables with several values are axes: they name the image and are recorded like sweeps.
-    var_axes = {f"vars.{name}": value for name, value in var_combo.items()
-                if _is_var_axis(name, character, scene, job)}
+    axes = merged_vars(character, scene, job)
+    var_axes = {f"vars.{name}": value for name, value in var_combo.items() if len(axes[name]) > 1}
     variables = prompt_variables(cname, character.description if character else "",
                                  character.trigger_words if character else [], sname, var_combo)
     body = render_prompt(scene.prompt, variables)
@@ -255,14 +232,6 @@ def _scene_jobs(spec: Spec, digests: dict[str, str], presets: dict, base_model, 
                         jobs.append(draft.model_copy(update={"key": job_key(draft)}))
     return jobs
 
-
-def _is_var_axis(name: str, character, scene, job) -> bool:
-    values = None
-    for owner in (character, scene, job):
-        if owner is not None and name in owner.vars:
-            values = var_values(owner.vars[name])
-    swept = job.sweep.get(f"vars.{name}")
-    return len(swept if swept is not None else values or []) > 1
 
 
 def _control(control, scale: float | None, spec: Spec, digests: dict[str, str]) -> ResolvedControl:

@@ -59,8 +59,18 @@ def load_spec(paths: list[Path] | Path, overrides: list[str] = (), root: Path | 
         _apply_override(data, override, sources, sink)
 
     # 3. path fields: relative to their file, inside the root, existing
+    refused: set[Loc] = set()
     for loc, kind in list(_path_fields(data)):
+        errors_before = len(sink.errors)
         _check_path(data, loc, kind, root, sources, sink)
+        if len(sink.errors) > errors_before:
+            refused.add(loc)
+    # 3b. prompt variables given as `{file: values.txt}` become their list of values
+    for loc, _ in list(_var_files(data)):
+        if loc in refused:  # the path's own error says why; stand in a value so nothing else cascades
+            _set(data, loc[:-1], ["(unread)"])
+        else:
+            _read_var_file(data, loc, root, sink)
 
     # 4. schema
     spec = validate_model(Spec, data, sink)
@@ -236,6 +246,7 @@ def _path_fields(data: dict) -> Iterator[tuple[Loc, str]]:
                     yield base + ("annotator",), "dir"
                 if get(control, "model") is not None:
                     yield from _model_fields(base + ("model",), control["model"])
+    yield from _var_files(data)
     if isinstance(get(get(data, "performance"), "vae"), str):
         yield ("performance", "vae"), "dir"
     scoring = get(data, "scoring")
@@ -243,6 +254,45 @@ def _path_fields(data: dict) -> Iterator[tuple[Loc, str]]:
         yield ("scoring", "weights"), "file"
     if isinstance(get(scoring, "dino"), str):
         yield ("scoring", "dino"), "dir"
+
+
+VAR_FILE_MAX_BYTES = 1 << 20
+
+
+def _var_files(data: dict) -> Iterator[tuple[Loc, str]]:
+    """`vars: {NAME: {file: PATH}}` on characters, scenes and jobs: the PATH fields."""
+    for section in ("characters", "scenes", "jobs"):
+        owners = data.get(section) if isinstance(data, dict) else None
+        for name, owner in owners.items() if isinstance(owners, dict) else ():
+            variables = owner.get("vars") if isinstance(owner, dict) else None
+            for var, value in variables.items() if isinstance(variables, dict) else ():
+                if isinstance(value, dict) and set(value) == {"file"} and isinstance(value["file"], str):
+                    yield (section, name, "vars", var, "file"), "file"
+
+
+def _read_var_file(data: dict, loc: Loc, root: Path, sink: ErrorSink) -> None:
+    """Replace `{file: PATH}` (already checked and root-relative) with the file's values: one per
+    line, blank lines and `#` comments left out."""
+    path = root / _get(data, loc)
+    try:
+        if path.stat().st_size > VAR_FILE_MAX_BYTES:
+            sink.add(loc, f"values file {display_path(path, root)} is over {VAR_FILE_MAX_BYTES // 1024} KiB; "
+                          "a prompt variable needs a few lines")
+            _set(data, loc[:-1], ["(unread)"])
+            return
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        sink.add(loc, f"values file {display_path(path, root)} is not UTF-8 text")
+        _set(data, loc[:-1], ["(unread)"])
+        return
+    except OSError as exc:
+        sink.add(loc, f"values file {display_path(path, root)} cannot be read: {exc.strerror}")
+        _set(data, loc[:-1], ["(unread)"])
+        return
+    values = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if not values:
+        sink.add(loc, f"values file {display_path(path, root)} has no values (one per line; # starts a comment)")
+    _set(data, loc[:-1], values or ["(unread)"])
 
 
 def _model_fields(loc: Loc, value: Any) -> Iterator[tuple[Loc, str]]:

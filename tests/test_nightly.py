@@ -79,3 +79,15 @@ def test_junit_has_one_case_per_character_gate_and_failed_job(nights, tmp_path):
             c = results["characters"][name]
             assert bool(kinds & {Failure, Error}) == (not c["gate_passed"] or bool(c["error"]))
     assert suites[0].failures + suites[0].errors >= len(failed_jobs)
+
+
+def test_check_junit_from_the_command_line(nights, tmp_path, capsys):
+    from castbook.cli import main
+
+    out, written = nights
+    run_dir = written[-1]["report"].parent
+    xml_path = tmp_path / "ci" / "castbook.xml"
+    assert main(["check", str(run_dir), "--junit", str(xml_path)]) == 1  # the fixture has a failed job
+    suite = next(iter(JUnitXml.fromfile(str(xml_path))))
+    assert suite.tests >= 3 and suite.failures >= 1
+    assert "check FAILED" in capsys.readouterr().err

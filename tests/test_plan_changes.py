@@ -54,7 +54,7 @@ def test_new_and_removed_jobs_and_the_cache(proj):  # noqa: F811
     assert changes.count("new") == 0
     # No previous run at all: every job is new unless its image is already cached.
     cold = plan_changes(after.jobs, None, cached_keys={after.jobs[0].key})
-    assert cold.jobs[0].status == "unchanged" and cold.count("new") == len(after.jobs) - 1
+    assert cold.jobs[0].status == "unchanged" and cold.jobs[0].cached and cold.count("new") == len(after.jobs) - 1
 
 
 def test_the_previous_run_is_the_newest_one_of_the_same_spec(proj, tmp_path):  # noqa: F811
@@ -68,3 +68,34 @@ def test_the_previous_run_is_the_newest_one_of_the_same_spec(proj, tmp_path):  #
     assert find_previous_run(out, [str(p) for p in plan.spec_files]) == newest
     assert [j.key for j in load_run_jobs(newest)] == [j.key for j in plan.jobs]
     assert find_previous_run(tmp_path / "nowhere", ["spec.yaml"]) is None
+
+
+def test_plan_changes_command_prints_reasons_and_imports_no_torch(proj, tmp_path):  # noqa: F811
+    import subprocess
+    import sys
+
+    out = tmp_path / "runs"
+    _fake_run(out, "20261201T000000Z-spec", load_plan([proj / "spec.yaml"]), "2026-12-01T00:00:00Z")
+    (proj / "spec.yaml").write_text(SPEC.replace("num_inference_steps: 4", "num_inference_steps: 5"))
+    code = ("import sys; from castbook.cli import main; rc = main(sys.argv[1:]); "
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH'); raise SystemExit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, "plan", str(proj / "spec.yaml"), "--changes", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "re-render  main/hero/park/draft/seed-10: num_inference_steps 4 → 5" in lines
+    assert "unchanged  main/hero/park/high/seed-10 (same key, but not in the cache: renders again)" in lines
+    assert lines[-2].endswith("compared with the last run " + str(out / "20261201T000000Z-spec"))
+    assert lines[-1] == "NO-TORCH"
+
+    as_json = subprocess.run([sys.executable, "-m", "castbook", "plan", str(proj / "spec.yaml"), "--changes",
+                              str(out / "20261201T000000Z-spec"), "--json"], capture_output=True, text=True, timeout=120)
+    data = json.loads(as_json.stdout)
+    assert data["counts"]["rerender"] == sum(1 for j in data["jobs"] if j["status"] == "rerender") > 0
+    steps = next(j for j in data["jobs"] if j["name"] == "main/hero/park/draft/seed-10")["fields"]
+    assert steps == {"num_inference_steps": {"before": 4, "after": 5}}
+
+    not_a_run = subprocess.run([sys.executable, "-m", "castbook", "plan", str(proj / "spec.yaml"), "--changes",
+                                str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert not_a_run.returncode == 2 and "is not a castbook run folder" in not_a_run.stderr
+    assert "Traceback" not in not_a_run.stderr

@@ -41,7 +41,8 @@ FUZZ = settings(max_examples=150, deadline=5000, derandomize=True, database=None
 KEYS = ["version", "include", "max_jobs", "defaults", "presets", "loras", "characters", "scenes", "jobs",
         "performance", "scoring", "base_model", "preset", "path", "kind", "prompt", "controls", "image", "type",
         "seeds", "count", "start", "sweep", "references", "extends", "width", "height", "model", "weights",
-        "<<", "dataset", "unet", "vae", "base", "steps", "data", "train", "output", "luca", "main"]
+        "<<", "dataset", "unet", "vae", "base", "steps", "data", "train", "output", "luca", "main", "vars", "file",
+        "recommended", "use_recommended"]
 NASTY = ["../../etc/passwd", "/etc/passwd", "/etc/hosts.safetensors", "../outside.yaml", "loras/luca.safetensors",
          "builtin:tiny-sdxl", "builtin:nope", "model.ckpt", "assets/toy/*.png", "**/*", "/", ".", "..", "",
          "a\x00b", "\x00", "nul\x00.safetensors", "\ud800", "\udcff.png", "~", "null", "yes", "NaN", "-.inf",
@@ -50,7 +51,7 @@ NASTY = ["../../etc/passwd", "/etc/passwd", "/etc/hosts.safetensors", "../outsid
          "canny", "euler", "draft", "loras.luca.weight", "file:///etc/passwd"]
 
 PATH_KEYS = {"path", "image", "base_model", "include", "references", "annotator", "annotators", "vae", "config",
-             "weights", "dino"}
+             "weights", "dino", "file"}
 paths = st.one_of(
     st.sampled_from(NASTY[:24]),
     st.text(alphabet=st.sampled_from("ab./*?[]\\\x00~:\ud800\udcff😀 "), max_size=16),
@@ -178,7 +179,14 @@ def yaml_documents(draw) -> str:
 
 
 def _luca() -> dict:
-    return YAML(typ="safe", pure=True).load((EXAMPLES / "luca.yaml").read_text(encoding="utf-8"))
+    data = YAML(typ="safe", pure=True).load((EXAMPLES / "luca.yaml").read_text(encoding="utf-8"))
+    # Prompt variables, so mutations reach their checks too: lists, a values file, a sweep axis.
+    data["characters"]["luca"]["vars"] = {"outfit": ["red scarf", "blue hat"]}
+    first_scene = next(iter(data["scenes"].values()))
+    first_scene["vars"] = {"accessory": {"file": "vars/outfits.txt"}}
+    first_scene["prompt"] += " wearing {{ outfit }} and {{ vars.accessory }}"
+    next(iter(data["jobs"].values())).setdefault("sweep", {})["vars.outfit"] = ["green cap", "no hat"]
+    return data
 
 
 def _paths(data, prefix=()):

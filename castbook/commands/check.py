@@ -3,6 +3,7 @@
 Exit 0 when every job finished and every character's pass rate (the fraction of its
 selected images with CLIP-I mean >= its threshold) reaches its `min_pass_rate`
 (default 0.8); exit 1 otherwise, printing each reason; exit 2 when the run cannot be read.
+`--junit FILE` also writes the verdict as JUnit XML for Jenkins, GitLab and GitHub.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ def register(subparsers) -> None:
                     "example: castbook check runs/20261130T031500Z-luca",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, help="a run directory (the folder holding run.json)")
+    p.add_argument("--junit", type=Path, metavar="FILE",
+                   help="also write JUnit XML (one test case per character gate and per failed job) for CI")
     p.set_defaults(func=run)
 
 
@@ -31,6 +34,10 @@ def run(args) -> int:
     # An unreadable run (RunDirError) or unusable scoring settings (ScoringError) reach `main`: exit 2.
     a = analyze(args.run_dir, history=False)
     res = a.results
+    if args.junit:
+        from reports.junit import write_junit  # noqa: PLC0415
+
+        write_junit(res, args.junit)
     for name, c in res["characters"].items():
         rate = "n/a" if c["pass_rate"] is None else f"{c['pass_rate']:.2f}"
         verdict = "ok" if c["gate_passed"] and not c["error"] else "FAIL"
