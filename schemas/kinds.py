@@ -8,6 +8,7 @@ render spec never loads the others.
 from __future__ import annotations
 
 import importlib
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,8 +49,10 @@ def validate_file(path: Path, overrides: list[str] = (), root: Path | None = Non
     Raises SpecErrors (every error, located). Render specs are loaded whole (includes,
     `-s` overrides, paths, cross references); the other kinds are schema-checked.
     """
+    from schemas.expand import expand
     from schemas.loader import SpecError, SpecErrors, load_yaml_model, read_yaml_file
     from schemas.paths import find_project_root
+    from schemas.prompt_length import check_prompt_lengths
     from schemas.spec_loader import load_spec
 
     path = Path(path).absolute()
@@ -57,7 +60,9 @@ def validate_file(path: Path, overrides: list[str] = (), root: Path | None = Non
     data, _ = read_yaml_file(path, root)  # a broken file raises here, located
     kind, model = detect_spec_kind(data)
     if kind == RENDER_SPEC:
-        load_spec([path], overrides, root)
+        loaded = load_spec([path], overrides, root)
+        # Prompt lengths need the final prompts: expand without hashing files (pure; digests unused).
+        check_prompt_lengths(loaded, expand(loaded.spec, defaultdict(lambda: "not-hashed-by-validate")))
         return kind
     if overrides:  # silently ignoring them would let a typo pass as checked
         raise SpecErrors([SpecError(f"<command line> -s {o}", 1, 1, "", f"-s overrides apply to render specs; "

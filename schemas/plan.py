@@ -15,6 +15,7 @@ from schemas.builtins import DEFAULT_SCORER
 from schemas.expand import expand
 from schemas.job import RenderJob
 from schemas.loader import glob_matches
+from schemas.prompt_length import check_prompt_lengths
 from schemas.spec import BuiltinModel, DiffusersFolder, SingleFile, Spec
 from schemas.spec_loader import load_spec
 
@@ -100,6 +101,7 @@ def load_plan(spec_paths: list[Path] | Path, overrides: list[str] = (), root: Pa
     loaded = load_spec(spec_paths, overrides, root)
     digests = compute_digests(loaded.spec, loaded.root)
     jobs = expand(loaded.spec, digests)
+    check_prompt_lengths(loaded, jobs)
     if only:
         jobs = [j for j in jobs if fnmatch.fnmatchcase(j.name, only) or fnmatch.fnmatchcase(j.job, only)]
     return Plan(

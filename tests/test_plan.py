@@ -293,3 +293,37 @@ def test_keys_cover_the_scheduler_config_not_only_its_name(proj, monkeypatch):
     after = _jobs(proj, FAST)
     assert before["quick"].key != after["quick"].key
     assert before["base"].key == after["base"].key  # other schedulers' keys stay
+
+
+# --- prompts longer than the text encoders take ------------------------------------------------
+
+def test_a_prompt_past_77_tokens_is_a_located_error_in_validate_and_plan(proj):
+    from castbook.cli import main
+    from schemas.loader import SpecErrors
+
+    long_style = ", ".join(f"detail{i}" for i in range(40))  # ~80 tokens after the prompt
+    text = SPEC.replace("  style: watercolour", f"  style: {long_style}")
+    (proj / "spec.yaml").write_text(text)
+    with pytest.raises(SpecErrors) as info:
+        load_plan([proj / "spec.yaml"])
+    messages = [str(e) for e in info.value.errors]
+    park = next(m for m in messages if "scenes.park.prompt" in m)
+    line = next(i for i, l in enumerate(text.splitlines(), 1) if l.startswith("  park:")) + 1
+    assert park.startswith(f"spec.yaml:{line}:")
+    assert "tokens; the text encoders take 77" in park and "detail39" in park
+    # validate finds it too, without hashing any file
+    assert main(["validate", str(proj / "spec.yaml")]) == 2
+    # the same spec with a short style is fine
+    (proj / "spec.yaml").write_text(SPEC)
+    assert load_plan([proj / "spec.yaml"]).jobs
+
+
+def test_the_count_is_the_shipped_clip_tokenizer_s():
+    from schemas.prompt_length import SHIPPED_CLIP_TOKENIZER, _load, _overflow
+
+    tokenizer, limit = _load(str(SHIPPED_CLIP_TOKENIZER))
+    assert limit == 77
+    words = " ".join(["cat"] * 75)  # 75 words + start + end = 77: fits exactly
+    assert _overflow(tokenizer, limit, words) is None
+    count, lost = _overflow(tokenizer, limit, words + " dog")
+    assert (count, lost) == (78, "dog")
