@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from renderer import test_hooks
+from renderer.library_logs import capture_library_output
 from renderer.outputs import castbook_version
 from renderer.png_metadata import encode_png
 from schemas.job import RenderJob, ResolvedModel
@@ -130,11 +131,13 @@ class RenderActor:
         # A load error is kept, not raised: the jobs needing that model fail one by one with
         # the message, and the actor stays up for jobs on other models.
         self.load_error: str | None = None
+        self._pending_log: list[str] = []
         if base_model is not None:
-            try:
-                self.renderer.load_base_model(base_model, dtype, vae)
-            except Exception as e:
-                self.load_error = f"{type(e).__name__}: {e}"
+            with capture_library_output(self._pending_log):
+                try:
+                    self.renderer.load_base_model(base_model, dtype, vae)
+                except Exception as e:
+                    self.load_error = f"{type(e).__name__}: {e}"
         t2 = time.perf_counter()
         self.startup = {"import_s": t1 - t0, "model_load_s": t2 - t1}
         # With torch.compile the first render builds the graphs (minutes on SDXL): do it here,
@@ -183,6 +186,13 @@ class RenderActor:
         test_hooks.before_job(job.key)
         t0 = time.perf_counter()
         fields: dict = {}
+        log, self._pending_log = self._pending_log, []  # the model load's lines come with the first job
+        with capture_library_output(log):
+            fields = self._render_fields(job)
+        return RenderResult(key=job.key, actor=self.index, pid=os.getpid(), seconds=time.perf_counter() - t0,
+                            log=tuple(log), **fields)
+
+    def _render_fields(self, job: RenderJob) -> dict:
         try:
             stack = _lora_stack(job)
             switched = self._last_stack is not None and stack != self._last_stack
@@ -204,5 +214,4 @@ class RenderActor:
 
             self._last_stack = None
             fields = {"error": e.message if isinstance(e, JobError) else f"{type(e).__name__}: {e}"}
-        return RenderResult(key=job.key, actor=self.index, pid=os.getpid(), seconds=time.perf_counter() - t0,
-                            **fields)
+        return fields

@@ -161,7 +161,7 @@ def run_ray(
     # 1. connect, or start a private local Ray (loopback only, small object store, no dashboard)
     t0 = time.perf_counter()
     we_started = start_ray(ray_address, resources=None if ray_address else {"render_slot": actors},
-                           log_to_driver=bool(os.environ.get("CASTBOOK_RAY_LOGS")))
+                           log_to_driver=bool(os.environ.get("CASTBOOK_RAY_LOGS")), quiet=quiet)
     startup["ray_init_s"] = round(time.perf_counter() - t0, 4)
     opts, actors, warning = actor_options(ray.cluster_resources(), actors, we_started or ray_address is None)
     if warning and not quiet:

@@ -33,6 +33,7 @@ def start_ray(
     num_cpus: int | None = None,
     resources: dict[str, float] | None = None,
     log_to_driver: bool = True,
+    quiet: bool = False,
 ) -> bool:
     """Connect to `ray_address`, or start a private local Ray when it is None.
 
@@ -42,13 +43,17 @@ def start_ray(
 
     `num_cpus` (default: every core) and `resources` (custom resources such as `render_slot`)
     apply only to a local Ray; a cluster's nodes declare their own. `log_to_driver` shows the
-    workers' prints on this terminal.
+    workers' prints on this terminal. `quiet` keeps Ray's own start-up messages (info and
+    warnings) off the terminal: errors only.
     """
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return False
-    common = dict(ignore_reinit_error=True, log_to_driver=log_to_driver, runtime_env={"env_vars": worker_env()})
+    common = dict(ignore_reinit_error=True, log_to_driver=log_to_driver, runtime_env={"env_vars": worker_env()},
+                  logging_level=logging.ERROR if quiet else logging.INFO)
     if ray_address:
         ray.init(address=ray_address, **common)
     else:

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from core.files import atomic_write_json
 from renderer.executors import group_key, run_local, run_ray
+from renderer.library_logs import append_log, capture_library_output
 from renderer.outputs import RootLock, finish_run_info, new_run_dir, new_run_info, write_plan_jsonl
-from renderer.writer import Progress, RunWriter
+from renderer.writer import LOG_NAME, Progress, RunWriter
 from schemas.job import RenderJob
 from schemas.plan import Plan
 
@@ -115,14 +116,19 @@ def run_render(
                     primary[job.key] = job
                     todo.append(job)
 
-            # 4-6. render the rest
+            # 4-6. render the rest; the libraries' own warnings go to castbook.log
             if todo:
                 t = time.perf_counter()
-                if executor == "local":
-                    stats = run_local(todo, plan, writer, run["startup"], info)
-                else:
-                    stats = run_ray(todo, plan, writer, run["startup"], info,
-                                    ray_address=ray_address, actors=actors, quiet=quiet)
+                driver_log: list[str] = []
+                try:
+                    with capture_library_output(driver_log):
+                        if executor == "local":
+                            stats = run_local(todo, plan, writer, run["startup"], info)
+                        else:
+                            stats = run_ray(todo, plan, writer, run["startup"], info,
+                                            ray_address=ray_address, actors=actors, quiet=quiet)
+                finally:
+                    append_log(run_dir / LOG_NAME, "driver", driver_log)
                 run["render_s"] = round(time.perf_counter() - t, 4)
                 for job in todo:  # anything not written (e.g. actors never started) failed
                     if job.name not in writer.written:

@@ -13,9 +13,12 @@ from typing import Any
 
 from core.files import link_or_copy
 from core.jsonl import append_jsonl
+from renderer.library_logs import append_log
 from renderer.outputs import ImageCache, image_relpath, safe_name, utc_now
 from schemas.job import RenderJob
 from schemas.records import ManifestRecord, RecordStatus, RenderResult
+
+LOG_NAME = "castbook.log"  # library warnings of the run (see renderer.library_logs)
 
 
 def append_record(manifest: Path, record: ManifestRecord) -> None:
@@ -67,6 +70,7 @@ class RunWriter:
     def result(self, job: RenderJob, res: RenderResult) -> None:
         if job.name in self.written:  # a late result of a retried job: its files and line exist
             return
+        append_log(self.run_dir / LOG_NAME, f"{job.name} (actor {res.actor})", list(res.log))
         if not res.ok:
             self.failed(job, res.error or "the actor returned no image", res.actor, res.seconds)
             return

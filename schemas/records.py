@@ -35,6 +35,7 @@ class RenderResult(Strict):
     lora_switched: bool = False
     error: str | None = None
     seconds: float = 0.0
+    log: tuple[str, ...] = ()  # library warnings while rendering it (the driver writes them to castbook.log)
 
     @property
     def ok(self) -> bool:
