@@ -41,11 +41,14 @@ def capture_library_output(lines: list[str]) -> Iterator[list[str]]:
         saved.append((logger, list(logger.handlers), logger.propagate))
         logger.handlers = [handler]
         logger.propagate = False
+    # logging keeps the original hook while it captures; a caller that already captures keeps doing so.
+    already_captured = getattr(logging, "_warnings_showwarning", None) is not None
     logging.captureWarnings(True)
     try:
         yield lines
     finally:
-        logging.captureWarnings(False)
+        if not already_captured:
+            logging.captureWarnings(False)
         for logger, handlers, propagate in saved:
             logger.handlers = handlers
             logger.propagate = propagate

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
-from castbook.commands import check as check_cmd
+from castbook.cli import main as cli_main
 from reports import write_reports
 from schemas.job import RenderJob
 from schemas.plan import load_plan
@@ -69,7 +68,7 @@ def _run(tmp_path: Path, run_id: str, spec: str = SPEC, main: bool = True) -> Pa
 
 
 def _check(run_dir: Path) -> int:
-    return check_cmd.run(argparse.Namespace(run_dir=run_dir))
+    return cli_main(["check", str(run_dir)])
 
 
 class _JobRows(HTMLParser):
