@@ -5,6 +5,7 @@ in-process calls for the rest.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -22,12 +23,25 @@ TINY = REPO / "specs" / "examples" / "tiny.yaml"
 NOBODY = 65534
 
 
+@functools.lru_cache(maxsize=1)
+def _unprivileged_prefix() -> list[str]:
+    """How root runs a command without its power to ignore permission bits.
+
+    First choice: a new user namespace (`unshare --user`, util-linux). The process keeps root's
+    own files readable through their owner bits, so a checkout inside a private 0700 folder (a
+    fresh clone under `mktemp -d`) still imports, while a read-only folder stays read-only.
+    Fallback: user nobody (`setpriv`), which needs the checkout to be readable by everyone.
+    """
+    probe = subprocess.run(["unshare", "--user", "true"], capture_output=True, timeout=30)
+    if probe.returncode == 0:
+        return ["unshare", "--user"]
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+
 def castbook(*args: str, env: dict | None = None, unprivileged: bool = False, timeout: float = 120):
     """Run the real CLI. `unprivileged`: as user nobody when the tests run as root, so that
     permission bits mean something (root writes anywhere)."""
-    prefix = []
-    if unprivileged and os.geteuid() == 0:  # util-linux's setpriv: part of every Debian/Ubuntu base image
-        prefix = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    prefix = _unprivileged_prefix() if unprivileged and os.geteuid() == 0 else []
     result = subprocess.run([*prefix, *CASTBOOK, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout,
                             env={**os.environ, **(env or {})})
     assert "Traceback" not in result.stderr, result.stderr
