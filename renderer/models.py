@@ -158,25 +158,47 @@ def load_base_pipeline(model, root: Path, device: str, dtype_label: str, to_devi
                 path, local_files_only=True, use_safetensors=True, torch_dtype=td
             )
         elif model.kind == "single_file":
+            # renderer/single_file.py: kind from the header, config chosen by shape (or `config:`), offline
+            from renderer.single_file import load_single_file
+
             path = Path(root) / model.ref
             check_safetensors_file(path, "base model")
-            if not model.config:
-                raise JobError(
-                    f"single-file checkpoint {model.ref} needs `config:` — a local diffusers folder with the "
-                    f"model's configs (model_index.json, */config.json, tokenizers); castbook never fetches them from a hub"
-                )
-            cfg = Path(root) / model.config
-            if not cfg.is_dir():
-                raise JobError(f"config folder {cfg} for checkpoint {model.ref} does not exist")
-            pipe = StableDiffusionXLPipeline.from_single_file(
-                str(path), config=str(cfg), local_files_only=True, torch_dtype=td
-            )
+            cfg = Path(root) / model.config if model.config else None
+            pipe = load_single_file(path, cfg, td, want="sdxl-base")
         else:
             raise JobError(f"unknown base model kind {model.kind!r} for {model.ref}")
     except JobError:
         raise
     except Exception as e:  # diffusers raises many types; the user needs the file and the reason
         raise JobError(f"could not load base model {model.ref}: {type(e).__name__}: {e}") from e
+    return pipe.to(device) if to_device else pipe
+
+
+def load_refiner_pipeline(model, root: Path, device: str, dtype_label: str, to_device: bool = True):
+    """Load an SDXL refiner as a `StableDiffusionXLImg2ImgPipeline` (offline, safetensors only):
+    a single-file refiner checkpoint (original layout; config chosen by shape from
+    renderer/configs/sdxl-refiner unless `model.config` names one) or a diffusers folder."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    td = torch_dtype(dtype_label)
+    try:
+        if model.kind == "single_file":
+            from renderer.single_file import load_single_file
+
+            path = Path(root) / model.ref
+            check_safetensors_file(path, "refiner")
+            pipe = load_single_file(path, Path(root) / model.config if model.config else None, td, want="sdxl-refiner")
+        elif model.kind == "diffusers":
+            path = Path(root) / model.ref
+            check_diffusers_folder(path, "refiner")
+            pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(path, local_files_only=True, use_safetensors=True,
+                                                                    torch_dtype=td)
+        else:
+            raise JobError(f"{model.ref} is not a refiner; give a refiner .safetensors checkpoint or diffusers folder")
+    except JobError:
+        raise
+    except Exception as e:
+        raise JobError(f"could not load refiner {model.ref}: {type(e).__name__}: {e}") from e
     return pipe.to(device) if to_device else pipe
 
 

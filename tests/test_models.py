@@ -85,10 +85,10 @@ def test_valid_safetensors_passes_the_check(tmp_path):
     models.check_safetensors_file(tmp_path / "ok.safetensors")
 
 
-def test_single_file_without_config_folder_says_what_to_do(tmp_path):
+def test_single_file_that_is_no_checkpoint_says_what_it_is(tmp_path):
     _write_safetensors(tmp_path / "ok.safetensors")
     model = ResolvedModel(ref="ok.safetensors", kind="single_file", digest="x")
-    with pytest.raises(JobError, match="needs `config:`"):
+    with pytest.raises(JobError, match="ok.safetensors is not a model layout castbook recognises, not an SDXL checkpoint"):
         models.load_base_pipeline(model, tmp_path, "cpu", "fp32")
 
 
