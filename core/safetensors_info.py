@@ -62,7 +62,7 @@ class FileKind:
                  "unknown": "not a model layout castbook recognises"}
         text = names.get(self.kind, self.kind)
         detail = ", ".join(x for x in (self.form, self.architecture if self.architecture != "unknown" else "") if x)
-        return f"{text} ({detail})" if detail and self.kind not in ("sdxl-base", "sdxl-refiner") else text
+        return f"{text} ({detail})" if detail and self.kind not in ("sdxl-base", "sdxl-refiner", "sd1", "sd2") else text
 
 
 def read_header(path: Path) -> Header:
