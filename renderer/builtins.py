@@ -377,6 +377,8 @@ def export_builtin(name: str, out_dir: Path) -> Path:
     `fp16` variant (`from_pretrained(out_dir, variant="fp16", torch_dtype=torch.float16)`).
     (Copying the shipped folder as it is mixed fp16 text encoders with an fp32 UNet, and a default
     load then failed with `mat1 and mat2 must have the same dtype`.)"""
+    import copy
+
     import torch
 
     name = builtin_name(name)
@@ -386,8 +388,10 @@ def export_builtin(name: str, out_dir: Path) -> Path:
     model = _load_builtin_fp32(name)
     tmp = new_temp_folder(out_dir)
     try:
+        # fp16 first: transformers 5 records the dtype in config.json and loads it by default, so
+        # the config written last (fp32) is the one a no-argument load reads.
+        copy.deepcopy(model).to(torch.float16).save_pretrained(tmp, safe_serialization=True, variant="fp16")
         model.save_pretrained(tmp, safe_serialization=True)
-        model.to(torch.float16).save_pretrained(tmp, safe_serialization=True, variant="fp16")
         swap_in_folder(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

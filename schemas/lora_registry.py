@@ -19,6 +19,7 @@ from pathlib import Path
 from core.errors import InputError
 from core.files import atomic_write_text
 from core.safetensors_info import classify, lora_rank_and_targets, read_header, suggested_trigger_words
+from schemas.paths import find_project_root
 from schemas.spec import NAME_PATTERN, LoraEntry
 
 
@@ -45,10 +46,11 @@ def lora_entry_for(file: Path, registry: Path, kind: str = "other", weight: floa
     if what.form == "LyCORIS":
         raise InputError(f"{file} is a LyCORIS (LoHa/LoKr) file; castbook loads LoRAs through diffusers/peft, "
                          f"which read kohya and diffusers LoRA files only")
-    try:
-        rel = Path(os.path.relpath(file.resolve(), registry.resolve().parent)).as_posix()
-    except ValueError as e:  # another drive on Windows
-        raise InputError(f"{file} cannot be reached from {registry}; copy it into the project") from e
+    root = find_project_root(registry.resolve().parent)
+    if not file.resolve().is_relative_to(root):
+        raise InputError(f"{file} is outside the project {root}; spec paths stay inside the project root. "
+                         f"Copy it in first (e.g. next to the registry, under loras/) and add that copy")
+    rel = Path(os.path.relpath(file.resolve(), registry.resolve().parent)).as_posix()
     rank, targets = lora_rank_and_targets(header)
     md = header.metadata
     described = [f"{what.form} LoRA for {what.architecture}", "targets " + ", ".join(targets)]
