@@ -12,10 +12,10 @@ no tokenizer files: the real CLIP BPE tokenizers come from the toy model's folde
 Export: `to_original_state_dict(components)` maps a diffusers SDXL pipeline's state dicts to the
 original key layout (`model.diffusion_model.*`, `first_stage_model.*`,
 `conditioner.embedders.0.transformer.*`, `conditioner.embedders.1.model.*`). The maps are ported
-from diffusers' scripts/convert_diffusers_to_original_sdxl.py (huggingface/diffusers), generalised
+from diffusers' script `convert_diffusers_to_original_sdxl` (huggingface/diffusers, scripts folder), generalised
 from SDXL's fixed three UNet blocks / four VAE blocks to any block count and layers per block read
 from the config, so the same code exports the toy and tiny models. diffusers' own
-`loaders/single_file_utils.py` is the reverse direction, and the tests check both ways.
+`diffusers.loaders.single_file_utils` is the reverse direction, and the tests check both ways.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ SD 1.x/2.x LoRAs, LyCORIS files and name clashes are refused.
 
 examples:
   castbook loras add specs/examples/loras/downloaded.safetensors --registry specs/examples/registry.yaml
-  castbook loras add my_style.safetensors --name painterly --kind style --weight 0.7 --registry specs/registry.yaml
+  castbook loras add my_style.safetensors --name painterly --kind style --weight 0.7 --registry specs/examples/registry.yaml
   castbook validate specs/examples/registry.yaml
 """
 
