@@ -20,7 +20,6 @@ from renderer import models, single_file
 from renderer.builtins import TOY_SDXL_DIR, build_sdxl_random_pipeline, export_builtin_single_file
 from schemas.builtins import builtin_digest
 from schemas.job import ResolvedModel
-from tests._render_helpers import job
 
 TOY = ResolvedModel(ref="builtin:toy-sdxl", kind="builtin", digest=builtin_digest("toy-sdxl"))
 
@@ -54,12 +53,36 @@ def test_export_writes_the_original_key_layout(toy_file):
     assert main(["models", "export", "builtin:toy-sdxl", str(toy_file), "--format", "single-file"]) == 2  # no overwrite
 
 
-def test_single_file_renders_the_same_pixels_as_the_builtin(toy_file):
-    from renderer.pipeline import JobRenderer
+SPEC = """
+defaults:
+  base_model: toy.safetensors
+  negative_prompt: blurry
+characters:
+  luca: {description: a boy with brown hair}
+scenes:
+  beach: {prompt: "{character} on the beach"}
+presets:
+  draft: {width: 64, height: 64, num_inference_steps: 3}
+jobs:
+  t: {characters: [luca], scenes: [beach], presets: [draft], seeds: [1]}
+"""
 
-    renderer = JobRenderer(toy_file.parent)
-    a = np.asarray(renderer.render(job(base_model=TOY, dtype="fp32")).image)
-    b = np.asarray(renderer.render(job(base_model=_single(toy_file), dtype="fp32")).image)
+
+def test_a_spec_using_the_file_renders_the_same_pixels_as_the_builtin(toy_file):
+    from core.model_hashes import sha256
+    from renderer.pipeline import JobRenderer
+    from schemas.plan import load_plan
+
+    root = toy_file.parent
+    (root / "pyproject.toml").write_text("")  # the project root
+    (root / "spec.yaml").write_text(SPEC)
+    single = load_plan([root / "spec.yaml"]).jobs[0]
+    builtin = load_plan([root / "spec.yaml"], ["defaults.base_model=builtin:toy-sdxl"]).jobs[0]
+    assert single.base_model.kind == "single_file" and single.base_model.digest == sha256(toy_file)
+    assert single.key != builtin.key
+    renderer = JobRenderer(root)
+    a = np.asarray(renderer.render(builtin).image)
+    b = np.asarray(renderer.render(single).image)
     assert a.shape == (64, 64, 3) and a.std() > 1
     assert np.array_equal(a, b)
 
