@@ -193,6 +193,20 @@ def _lora_architecture(header: Header, kohya: bool) -> str:
     return "unknown"
 
 
+def checkpoint_problem(path: Path, kind: FileKind, want: str | None = "sdxl-base") -> str | None:
+    """Why `path` cannot be used as an SDXL checkpoint (`want`: sdxl-base, sdxl-refiner or None for
+    either), or None. One message for `castbook validate` and the loader alike."""
+    if kind.kind in ("sd1", "sd2"):
+        return (f"{path} is {kind.label}; castbook renders SDXL only. Use an SDXL checkpoint "
+                f"(e.g. sd_xl_base_1.0.safetensors or an SDXL fine-tune)")
+    if kind.kind not in ("sdxl-base", "sdxl-refiner"):
+        return (f"{path} is {kind.label}, not an SDXL checkpoint; base_model needs a single-file SDXL "
+                f"checkpoint (UNet, VAE and text encoders in one file)")
+    if want and kind.kind != want:
+        return f"{path} is {kind.label}, but {want.replace('sdxl-', 'an SDXL ')} checkpoint is needed here"
+    return None
+
+
 # --------------------------------------------------------------------------- LoRA details
 
 

@@ -25,7 +25,16 @@ import re
 from pathlib import Path
 
 from core.errors import JobError
-from core.safetensors_info import REFINER_CLIP_G, SDXL_CLIP_G, SDXL_CLIP_L, UNET, VAE, classify, read_header
+from core.safetensors_info import (
+    REFINER_CLIP_G,
+    SDXL_CLIP_G,
+    SDXL_CLIP_L,
+    UNET,
+    VAE,
+    checkpoint_problem,
+    classify,
+    read_header,
+)
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 SHIPPED_CONFIGS = {"sdxl-base": CONFIGS_DIR / "sdxl-base", "sdxl-refiner": CONFIGS_DIR / "sdxl-refiner"}
@@ -306,14 +315,9 @@ def check_single_file(path: Path, want: str | None = None):
     """Classify `path` from its header and refuse what castbook cannot render with. Returns the header."""
     header = read_header(path)
     kind = classify(header)
-    if kind.kind in ("sd1", "sd2"):
-        raise JobError(f"{path} is {kind.label}; castbook renders SDXL only. Use an SDXL checkpoint "
-                       f"(e.g. sd_xl_base_1.0.safetensors or an SDXL fine-tune)")
-    if kind.kind not in ("sdxl-base", "sdxl-refiner"):
-        raise JobError(f"{path} is {kind.label}, not an SDXL checkpoint; base_model needs a single-file SDXL "
-                       f"checkpoint (UNet, VAE and text encoders in one file)")
-    if want and kind.kind != want:
-        raise JobError(f"{path} is {kind.label}, but {want.replace('sdxl-', 'an SDXL ')} checkpoint is needed here")
+    problem = checkpoint_problem(path, kind, want)
+    if problem:
+        raise JobError(problem)
     missing = [what for what, prefix in (("the UNet", UNET), ("the VAE", VAE)) if not any(k.startswith(prefix) for k in header.shapes)]
     if missing:
         raise JobError(f"{path} lacks {' and '.join(missing)}; it is not a complete single-file checkpoint")

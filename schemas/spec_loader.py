@@ -22,6 +22,7 @@ from schemas.loader import (
     read_yaml_file,
 )
 from schemas.located_validation import validate_model
+from schemas.model_checks import check_model_files
 from schemas.paths import find_project_root, glob_matches, is_kind, path_problem, resolve_inside_root, shown_value
 from schemas.spec import MERGEABLE_SECTIONS, PICKLE_SUFFIXES, Spec
 
@@ -77,6 +78,9 @@ def load_spec(paths: list[Path] | Path, overrides: list[str] = (), root: Path | 
     # 5. cross references, templates, job-count guard (needs a valid model)
     if spec is not None and not sink.errors:
         check_references(spec, sink)
+    # 5b. a single-file base model must be an SDXL base checkpoint (its header only; schemas/model_checks.py)
+    if spec is not None and not sink.errors:
+        check_model_files(spec, root, sink)
     sink.raise_if_any()
     return LoadedSpec(spec=spec, root=root, files=tuple(files), sources=sources)
 

@@ -10,6 +10,7 @@ import pickle
 import shutil
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -184,6 +185,7 @@ def test_convert_flattens_nested_tensors_and_never_runs_a_payload(tmp_path, caps
     assert "epoch is a int" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_exported_folder_loads_in_plain_diffusers_with_no_arguments(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 

@@ -68,6 +68,7 @@ jobs:
 """
 
 
+@pytest.mark.slow
 def test_a_spec_using_the_file_renders_the_same_pixels_as_the_builtin(toy_file):
     from core.model_hashes import sha256
     from renderer.pipeline import JobRenderer
@@ -139,6 +140,18 @@ def test_what_is_not_an_sdxl_checkpoint_is_refused_by_name(tmp_path, layout, mes
     _save_keys(tmp_path / "m.safetensors", layout)
     with pytest.raises(JobError, match=message):
         models.load_base_pipeline(_single(tmp_path / "m.safetensors"), tmp_path, "cpu", "fp32")
+
+
+def test_validate_says_what_a_wrong_checkpoint_is_before_rendering(tmp_path, capsys):
+    _save_keys(tmp_path / "sd15.safetensors", {
+        "model.diffusion_model.output_blocks.11.0.skip_connection.weight": (8, 16, 1, 1),
+        "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight": (77, 8)})
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "spec.yaml").write_text(SPEC.replace("toy.safetensors", "sd15.safetensors"))
+    capsys.readouterr()
+    assert main(["validate", str(tmp_path / "spec.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "spec.yaml:3:" in err and "sd15.safetensors is a Stable Diffusion 1.x checkpoint; castbook renders SDXL only" in err
 
 
 def test_an_unknown_sdxl_architecture_asks_for_config(toy_file, tmp_path):
