@@ -10,11 +10,10 @@ key that holds it. Rendering still never opens pickles (renderer/models.py).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from core.errors import JobError
+from renderer.single_file import save_file_atomically
 from schemas.spec import PICKLE_SUFFIXES
 
 
@@ -38,7 +37,6 @@ def convert_to_safetensors(path: Path, out: Path | None = None) -> Path:
     import pickle
 
     import torch
-    from safetensors.torch import save_file
 
     path = Path(path)
     if path.suffix.lower() not in PICKLE_SUFFIXES:
@@ -67,12 +65,4 @@ def convert_to_safetensors(path: Path, out: Path | None = None) -> Path:
         raise JobError(f"{path} holds no tensors")
     # safetensors refuses shared storage (tied weights): give each tensor its own contiguous copy.
     tensors = {k: v.detach().clone().contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", "castbook.converted_from": path.name})
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return save_file_atomically(tensors, out, {"format": "pt", "castbook.converted_from": path.name})

@@ -202,26 +202,38 @@ def to_original_state_dict(pipe) -> dict:
 
 def export_single_file(pipe, out: Path, title: str, dtype=None) -> Path:
     """Write `pipe` as one original-layout safetensors file (atomically), with modelspec metadata."""
+    sd = to_original_state_dict(pipe)
+    sd = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in sd.items()}
+    arch = "stable-diffusion-xl-v1-refiner" if getattr(pipe, "text_encoder", None) is None else "stable-diffusion-xl-v1-base"
+    metadata = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch,
+                "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+                "modelspec.title": title, "format": "pt"}
+    return save_file_atomically(sd, Path(out), metadata)
+
+
+def save_file_atomically(tensors: dict, out: Path, metadata: dict) -> Path:
+    """`safetensors.torch.save_file` to a temp file beside `out`, fsync, mode 0644, rename (core/files.py's rule
+    for outputs; the tensors are written straight to disk rather than built as bytes in memory)."""
     import os
     import tempfile
 
     from safetensors.torch import save_file
 
-    sd = to_original_state_dict(pipe)
-    sd = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in sd.items()}
-    out = Path(out)
+    from core.files import fsync_dir
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-xl-v1-base",
-                "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
-                "modelspec.title": title, "format": "pt"}
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        save_file(sd, tmp, metadata=metadata)
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    fsync_dir(out.parent)
     return out
 
 

@@ -50,6 +50,7 @@ def test_export_writes_the_original_key_layout(toy_file):
     assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys
     assert "first_stage_model.decoder.up.0.block.0.conv1.weight" in keys
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+    assert toy_file.stat().st_mode & 0o777 == 0o644 and not list(toy_file.parent.glob(".*.tmp"))
     assert main(["models", "export", "builtin:toy-sdxl", str(toy_file), "--format", "single-file"]) == 2  # no overwrite
 
 
@@ -120,6 +121,21 @@ def test_fp16_bf16_and_ema_files_load(toy_file, tmp_path):
     save_file({**sd, **ema, **extra}, str(tmp_path / "full.safetensors"))
     unet = models.load_base_pipeline(_single(tmp_path / "full.safetensors"), tmp_path, "cpu", "fp32").unet.state_dict()
     assert all(torch.equal(ref[k], unet[k]) for k in ref)
+
+
+def test_the_files_vae_is_used_unless_performance_vae_overrides_it(toy_file):
+    from renderer.builtins import builtin_dir
+    from renderer.pipeline import JobRenderer
+
+    root = toy_file.parent
+    if not (root / "othervae").exists():
+        shutil.copytree(builtin_dir("tiny-sdxl") / "vae", root / "othervae")
+    renderer = JobRenderer(root)
+    renderer.load_base_model(_single(toy_file), "fp32")
+    assert list(renderer.pipe.vae.config.block_out_channels) == [16, 32, 64]  # the toy VAE inside the file
+    other = ResolvedModel(ref="othervae", kind="diffusers", digest="sha:othervae")
+    renderer.load_base_model(_single(toy_file), "fp32", vae=other)
+    assert list(renderer.pipe.vae.config.block_out_channels) == [32, 64]  # performance.vae
 
 
 def _save_keys(path, shapes: dict):
