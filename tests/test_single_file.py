@@ -138,6 +138,19 @@ def test_the_files_vae_is_used_unless_performance_vae_overrides_it(toy_file):
     assert list(renderer.pipe.vae.config.block_out_channels) == [32, 64]  # performance.vae
 
 
+def test_the_tiny_builtin_exports_and_its_config_is_found_by_shape(tmp_path, capsys):
+    from renderer.builtins import builtin_dir
+
+    path = export_builtin_single_file("builtin:tiny-sdxl", tmp_path / "tiny.safetensors")
+    header, _ = single_file.check_single_file(path, "sdxl-base")
+    assert single_file.choose_config(header.shapes, path) == builtin_dir("tiny-sdxl")
+    pipe = models.load_base_pipeline(_single(path), tmp_path, "cpu", "fp32")
+    assert pipe.unet.config.sample_size == 32  # tiny-sdxl's, not toy-sdxl's 16
+    capsys.readouterr()
+    assert main(["models", "export", "builtin:tiny-controlnet", str(tmp_path / "cn.safetensors"), "--format", "single-file"]) == 2
+    assert "cannot be exported as a single-file checkpoint" in capsys.readouterr().err
+
+
 def _save_keys(path, shapes: dict):
     save_file({k: torch.zeros(s) for k, s in shapes.items()}, str(path))
 
