@@ -219,6 +219,16 @@ def test_full_sdxl_base_key_map_holds_both_ways_on_meta():
     te2 = su.convert_open_clip_checkpoint(pipe.text_encoder_2, orig, prefix="conditioner.embedders.1.model.")
     _forward_equal(te2, pipe.text_encoder_2.state_dict(), "text_encoder_2")
     assert su.infer_diffusers_model_type(orig) == "xl_base"
+    # the shipped config is the architecture's, field by field
+    cfg = single_file.SHIPPED_CONFIGS["sdxl-base"]
+    for sub, model in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder),
+                       ("text_encoder_2", pipe.text_encoder_2)):
+        shipped = json.loads((cfg / sub / "config.json").read_text())
+        fields = [k for k in shipped if not k.startswith("_") and k not in ("architectures", "torch_dtype", "bos_token_id",
+                                                                            "eos_token_id", "pad_token_id", "model_type")]
+        have = dict(model.config) if sub in ("unet", "vae") else model.config.to_dict()
+        mismatched = [f for f in fields if f in have and json.loads(json.dumps(have[f])) != shipped[f]]
+        assert mismatched == [] and len([f for f in fields if f in have]) >= 8, (sub, mismatched)
 
 
 def test_full_sdxl_refiner_key_map_and_config_on_meta():
