@@ -12,8 +12,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
 
-from schemas.base import Strict
 from schemas.annotators import UNSUPPORTED as UNSUPPORTED_DETECTORS
+from schemas.base import Strict
 from schemas.builtins import BASE_MODELS, CLIP_MODELS, CONTROLNET_MODELS
 from schemas.job import ControlType, Dtype, SchedulerName
 
