@@ -63,6 +63,13 @@ UNSUPPORTED: dict[str, str] = {
 }
 
 
+def loadable_detector(value: str) -> str:
+    """Spec validator: refuse the detector names castbook cannot load from a local folder, saying why."""
+    if value in UNSUPPORTED:
+        raise ValueError(f"detector {value!r} is not supported: {UNSUPPORTED[value]}")
+    return value
+
+
 def find_weights(detector: str, folder: Path | None) -> Weights | None:
     """The first complete set of the detector's files in `folder` (None if none is complete)."""
     if folder is None:

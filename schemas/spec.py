@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
 
-from schemas.annotators import UNSUPPORTED as UNSUPPORTED_DETECTORS
+from schemas.annotators import loadable_detector
 from schemas.base import Strict
 from schemas.builtins import BASE_MODELS, CLIP_MODELS, CONTROLNET_MODELS
 from schemas.job import ControlType, Dtype, SchedulerName
@@ -253,33 +253,24 @@ class CannyControl(_Control):
     high_threshold: int = Field(default=200, ge=0, le=255)
 
 
-def _loadable_detector(value: str) -> str:
-    """Refuse the detector names controlnet-aux has but castbook cannot load from a local folder."""
-    if value in UNSUPPORTED_DETECTORS:
-        raise ValueError(f"detector {value!r} is not supported: {UNSUPPORTED_DETECTORS[value]}")
-    return value
-
-
 class PoseControl(_Control):
     type: Literal["pose"]
     detector: Literal["openpose", "dwpose"] = "openpose"
 
-    _check_detector = field_validator("detector")(_loadable_detector)
+    _check_detector = field_validator("detector")(loadable_detector)
 
 
 class DepthControl(_Control):
     type: Literal["depth"]
     detector: Literal["midas", "zoe", "leres"] = "midas"
 
-    _check_detector = field_validator("detector")(_loadable_detector)
+    _check_detector = field_validator("detector")(loadable_detector)
 
 
 class SegControl(_Control):
     type: Literal["seg"]
     detector: Literal["sam"] = "sam"
-    points_per_side: int | None = Field(
-        default=None, ge=1, le=64,
-        description="SAM's automatic mask grid (points per side; SAM's default 32). Fewer points: faster, fewer masks.")
+    points_per_side: int | None = Field(default=None, ge=1, le=64, description="SAM's mask grid (default 32).")
 
 
 class NormalControl(_Control):
