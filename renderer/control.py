@@ -25,8 +25,9 @@ CONTROL_TYPES = ("pose", "depth", "canny", "seg", "normal")
 # (digests, missing-file check) and with `dataset prepare --poses`.
 DETECTORS = annotators.DETECTORS
 ANNOTATOR_SOURCE = annotators.ANNOTATOR_SOURCE
-# Neural detectors run at the job's size, capped at controlnet-aux's default 512 (the map is
-# resized to the job anyway; a smaller input is faster and changes nothing after the resize).
+# Neural detectors run at the job's size (rounded up to 64), capped at controlnet-aux's default
+# 512: the map is resized to the job anyway, and a tiny job need not pay for a 512 px detection.
+# The size follows from the job's width and height, which are in the job key.
 MAX_DETECT_RESOLUTION = 512
 
 

@@ -9,6 +9,7 @@ builtin:tiny-controlnet on 64x64 images.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -204,8 +205,6 @@ def test_dataset_prepare_poses_runs_the_real_openpose(root, tmp_path, capsys):
     rc = main(["dataset", "prepare", str(raw), "--out", str(out), "--min-size", "64", "--resolution", "128",
                "--poses", "--annotator", str(root / "annotators"), "--min-confidence", "0"])
     assert rc == 0, capsys.readouterr().err
-    import json
-
     poses = json.loads((out / "poses.json").read_text())
     assert poses["counts"]["images"] == 3 and (out / "poses.html").is_file()
     assert poses["options"]["annotator"] == str(root / "annotators")
