@@ -169,14 +169,17 @@ def test_missing_annotator_file_is_a_located_plan_error_naming_the_file(root, tm
     assert "pickle" in msg and "ann" in msg
 
 
-def test_unsupported_detectors_are_refused_at_validation(root, tmp_path):
+@pytest.mark.parametrize("type_,detector,why", [("pose", "dwpose", "mmpose.*use detector: openpose"),
+                                                ("depth", "zoe", "not test.*use detector: midas"),
+                                                ("depth", "leres", "command line.*use detector: midas")])
+def test_unsupported_detectors_are_refused_at_validation(root, tmp_path, type_, detector, why):
     proj = tmp_path / "proj"
     (proj / ".git").mkdir(parents=True)
     shutil.copy(root / "figure.png", proj)
     (proj / "spec.yaml").write_text(
-        "scenes:\n  s:\n    prompt: p\n    controls: [{type: pose, image: figure.png, detector: dwpose}]\n"
+        f"scenes:\n  s:\n    prompt: p\n    controls: [{{type: {type_}, image: figure.png, detector: {detector}}}]\n"
         "jobs:\n  j: {scenes: [s]}\n")
-    with pytest.raises(SpecErrors, match="dwpose.*not supported.*mmpose.*openpose"):
+    with pytest.raises(SpecErrors, match=f"spec.yaml:4:.*detector '{detector}' is not supported.*{why}"):
         load_plan([proj / "spec.yaml"])
 
 
