@@ -201,7 +201,7 @@ class RenderActor:
             fields = dict(
                 lora_switched=bool(getattr(out, "lora_switched", switched)),
                 png=encode_png(out.image, job, self.environment(device=out.device, dtype=out.dtype),
-                               self.performance),
+                               self.performance, root=self.renderer.root),
                 control_maps=tuple((name, _png_bytes(img)) for name, img in out.control_maps),
                 timings={k: float(v) for k, v in out.timings.items()},
                 peak_memory_bytes=out.peak_memory_bytes,

@@ -17,36 +17,48 @@ from collections import OrderedDict
 from pathlib import Path
 
 from core.errors import JobError
+from schemas import annotators
 
 CONTROL_TYPES = ("pose", "depth", "canny", "seg", "normal")
 
-# detector -> (controlnet_aux class, annotator files needed in annotator_dir, types it serves)
-DETECTORS: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {
-    "canny": ("CannyDetector", (), ("canny",)),
-    "openpose": ("OpenposeDetector", ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"), ("pose",)),
-    "midas": ("MidasDetector", ("dpt_hybrid-midas-501f0c75.pt",), ("depth",)),
-    "zoe": ("ZoeDetector", ("ZoeD_M12_N.pt",), ("depth",)),
-    "normalbae": ("NormalBaeDetector", ("scannet.pt",), ("normal",)),
-    "sam": ("SamDetector", ("sam_vit_h_4b8939.pth",), ("seg",)),
-}
-ANNOTATOR_SOURCE = "https://huggingface.co/lllyasviel/Annotators (files at the top level of that repository)"
+# The detector table (class, files, types) lives in schemas/annotators.py, shared with the plan
+# (digests, missing-file check) and with `dataset prepare --poses`.
+DETECTORS = annotators.DETECTORS
+ANNOTATOR_SOURCE = annotators.ANNOTATOR_SOURCE
+# Neural detectors run at the job's size (rounded up to 64), capped at controlnet-aux's default
+# 512: the map is resized to the job anyway, and a tiny job need not pay for a 512 px detection.
+# The size follows from the job's width and height, which are in the job key.
+MAX_DETECT_RESOLUTION = 512
 
 
-def control_map_name(image_digest: str, detector: str, params: dict, width: int, height: int) -> str:
-    """A stable file name for a preprocessed map: `<digest16>-<detector>-<params8>-<W>x<H>.png`."""
-    p = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+def control_map_name(image_digest: str, detector: str, params: dict, width: int, height: int,
+                     weights_digest: str | None = None) -> str:
+    """A stable file name for a preprocessed map: `<digest16>-<detector>-<params8>-<W>x<H>.png`.
+
+    `params8` also covers the annotator weights' digest when the detector has weights (only then,
+    so the names of weight-free maps such as canny never change)."""
+    text = json.dumps(params, sort_keys=True) + (f"\n{weights_digest}" if weights_digest else "")
+    p = hashlib.sha256(text.encode()).hexdigest()[:8]
     return f"{image_digest[:16]}-{detector}-{p}-{width}x{height}.png"
 
 
+def detect_resolution(width: int, height: int) -> int:
+    """Input size for neural detectors: the job's longer side rounded up to 64, at most 512."""
+    return min(MAX_DETECT_RESOLUTION, -(-max(width, height) // 64) * 64)
+
+
 class ControlPreparer:
-    """Turns a job's controls into PIL control maps; caches detectors and maps in memory."""
+    """Turns a job's controls into PIL control maps; caches detectors and maps in memory.
+
+    Maps are cached by (image digest, detector, annotator weights digest, params, size); loaded
+    detectors by (detector, folder, weights digest), so replacing a weight file reloads it."""
 
     def __init__(self, root: Path, max_cached_maps: int = 64):
         self.root = Path(root)
         self.maps: OrderedDict[tuple, object] = OrderedDict()
         self.detectors: dict[tuple, object] = {}
         self.max_cached_maps = max_cached_maps
-        self.stats = {"preprocess_runs": 0, "map_cache_hits": 0}
+        self.stats = {"preprocess_runs": 0, "map_cache_hits": 0, "detector_loads": 0}
 
     def prepare(self, control, width: int, height: int):
         """Return (map image, file name or None). The name is set only for preprocessed maps."""
@@ -60,15 +72,20 @@ class ControlPreparer:
         if not control.preprocess:
             return self._open(path).resize((width, height), Image.BICUBIC), None
         params = dict(control.detector_params)
-        key = (control.image_digest, control.detector, json.dumps(params, sort_keys=True), width, height)
-        name = control_map_name(control.image_digest, control.detector, params, width, height)
+        weights = self._weights_digest(control)
+        key = (control.image_digest, control.detector, weights, json.dumps(params, sort_keys=True), width, height)
+        name = control_map_name(control.image_digest, control.detector, params, width, height, weights)
         if key in self.maps:
             self.maps.move_to_end(key)
             self.stats["map_cache_hits"] += 1
             return self.maps[key], name
-        detector = self._detector(control)
+        detector = self._detector(control, weights)
+        call = dict(params)
+        if annotators.needs_weights(control.detector):
+            res = detect_resolution(width, height)
+            call = {"detect_resolution": res, "image_resolution": res, **call}
         try:
-            out = detector(self._open(path), output_type="pil", **params)
+            out = self._run(detector, control, self._open(path), call)
         except TypeError as e:
             raise JobError(f"{control.type} control: detector {control.detector!r} rejected detector_params {params}: {e}") from e
         out = out.convert("RGB").resize((width, height), Image.BICUBIC)
@@ -77,6 +94,43 @@ class ControlPreparer:
         while len(self.maps) > self.max_cached_maps:
             self.maps.popitem(last=False)
         return out, name
+
+    @staticmethod
+    def _run(detector, control, image, call: dict):
+        import numpy as np
+
+        if control.detector != "sam":
+            return detector(image, output_type="pil", **call)
+        generator = detector.mask_generator
+        if "points_per_side" in call:  # SAM's own generator class, on the same loaded network
+            from controlnet_aux.segment_anything import SamAutomaticMaskGenerator
+
+            generator = SamAutomaticMaskGenerator(generator.predictor.model, points_per_side=call["points_per_side"])
+        # SamDetector colours each mask with np.random: seed it from the image so a map (and the
+        # pixels rendered from it) is reproducible, and restore the global state afterwards.
+        state = np.random.get_state()
+        np.random.seed(int(control.image_digest[:8], 16))
+        try:
+            # SamDetector.__call__ = generate + show_anns + resize; called in two steps here because
+            # show_anns returns None when no mask passes the thresholds, and __call__ then crashes.
+            from PIL import Image
+
+            masks = generator.generate(_resized(image, call["detect_resolution"]))
+            return Image.fromarray(detector.show_anns(masks)) if masks else Image.new("RGB", image.size)
+        finally:
+            np.random.set_state(state)
+
+    def _weights_digest(self, control) -> str | None:
+        """The annotator digest computed at the edge (the plan), else computed here once per folder."""
+        if getattr(control, "annotator_digest", None):
+            return control.annotator_digest
+        if not annotators.needs_weights(control.detector) or not control.annotator_dir:
+            return None
+        folder = self.root / control.annotator_dir
+        key = ("digest", control.detector, str(folder))
+        if key not in self.detectors:
+            self.detectors[key] = annotators.weights_digest(control.detector, folder)
+        return self.detectors[key]
 
     @staticmethod
     def _open(path: Path):
@@ -88,39 +142,39 @@ class ControlPreparer:
         except Exception as e:
             raise JobError(f"control image {path} cannot be read as an image: {e}") from e
 
-    def _detector(self, control):
+    def _detector(self, control, weights_digest: str | None):
         name = control.detector
         if name not in DETECTORS:
-            raise JobError(
-                f"{control.type} control: unknown detector {name!r}; known detectors: {', '.join(DETECTORS)}"
-            )
-        cls_name, files, _types = DETECTORS[name]
-        ann = None
-        if files:
-            if not control.annotator_dir:
-                raise JobError(self._missing_message(control, files, None))
-            ann = self.root / control.annotator_dir
-            missing = [f for f in files if not (ann / f).is_file()]
-            if missing:
-                raise JobError(self._missing_message(control, missing, ann))
-        key = (name, str(ann))
+            why = f" ({annotators.UNSUPPORTED[name]})" if name in annotators.UNSUPPORTED else ""
+            raise JobError(f"{control.type} control: unknown detector {name!r}{why}; known detectors: {', '.join(DETECTORS)}")
+        det = DETECTORS[name]
+        ann = self.root / control.annotator_dir if control.annotator_dir else None
+        weights = None
+        if det.weights:
+            weights = annotators.find_weights(name, ann)
+            if weights is None:
+                raise JobError(annotators.missing_message(name, ann, f"{control.type} control"))
+        key = (name, str(ann), weights_digest)
         if key not in self.detectors:
             import controlnet_aux  # lazy: seconds to import
 
-            cls = getattr(controlnet_aux, cls_name)
+            cls = getattr(controlnet_aux, det.cls)
             try:
                 # Only ever a local folder (never a hub id): these are pickles, trusted because the user chose the folder.
-                self.detectors[key] = cls() if not files else cls.from_pretrained(str(ann))
+                self.detectors[key] = cls() if weights is None else cls.from_pretrained(str(ann), **weights.kwargs)
             except Exception as e:
-                raise JobError(f"{control.type} control: could not load detector {name!r} from {ann}: {type(e).__name__}: {e}") from e
+                files = ", ".join(weights.files) if weights else ""
+                raise JobError(
+                    f"{control.type} control: could not load detector {name!r} from {ann} ({type(e).__name__}: {e}); "
+                    f"{files} must be the original annotator file(s) from {det.source}"
+                ) from e
+            self.stats["detector_loads"] += 1
         return self.detectors[key]
 
-    @staticmethod
-    def _missing_message(control, files, ann) -> str:
-        where = f"in {ann}" if ann else "in an annotator folder (none is configured)"
-        return (
-            f"{control.type} control needs annotator weights {', '.join(files)} {where}; "
-            f"download them from {ANNOTATOR_SOURCE}, put them in a local folder and set `annotator: DIR` "
-            f"on the control (or use `preprocess: false` with a ready-made {control.type} map). "
-            f"These are pickle files: castbook loads them only from the folder you configure"
-        )
+
+def _resized(image, resolution: int):
+    """The image as controlnet-aux's SamDetector feeds it to the mask generator."""
+    import numpy as np
+    from controlnet_aux.util import HWC3, resize_image
+
+    return resize_image(HWC3(np.asarray(image, dtype=np.uint8)), resolution)

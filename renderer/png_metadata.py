@@ -7,14 +7,17 @@ reads the `castbook` chunk back (`read_castbook_chunk`), and A1111-compatible to
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import re
+import struct
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from core.model_hashes import A1111_LORA_HASH_LENGTH, a1111_lora_hash
 from renderer.outputs import castbook_version
 from schemas.job import RenderJob
 from schemas.schedulers import SCHEDULERS
@@ -55,8 +58,44 @@ def _fmt_weight(w: float) -> str:
     return f"{w:g}"
 
 
-def format_parameters(job: RenderJob) -> str:
-    """The A1111-style infotext of a job (what A1111 stores in the PNG `parameters` chunk)."""
+def model_name(model) -> str:
+    """The checkpoint's name as A1111 writes it in `Model:`: a single file's stem, a folder's name,
+    a built-in's name (`tiny-sdxl` for `builtin:tiny-sdxl`)."""
+    if model.kind == "builtin":
+        return model.ref.removeprefix("builtin:")
+    path = Path(model.ref)
+    return path.stem if model.kind == "single_file" else path.name
+
+
+@functools.lru_cache(maxsize=256)
+def _lora_file_hash(path: str, digest: str) -> str | None:
+    # `digest` (the file's sha256, from the plan) is part of the cache key: a changed file is hashed again.
+    try:
+        return a1111_lora_hash(Path(path))
+    except (OSError, struct.error):
+        return None
+
+
+def a1111_lora_hashes(job: RenderJob, root: Path | None) -> dict[str, str]:
+    """A1111's LoRA hash (addnet: sha256 of the tensor data after the header, 12 hex digits) per
+    LoRA of the job, hashed once per file and process (cached by path and digest)."""
+    out = {}
+    for lora in job.loras:
+        h = _lora_file_hash(str(Path(root) / lora.path), lora.digest) if root is not None else None
+        if h is not None:
+            out[lora.name] = h
+    return out
+
+
+def format_parameters(job: RenderJob, lora_hashes: dict[str, str] | None = None) -> str:
+    """The A1111-style infotext of a job (what A1111 1.10 stores in the PNG `parameters` chunk).
+
+    `Model` is the checkpoint's name (`model_name`). `Model hash` is A1111's short hash (sha256
+    of the file, 10 hex digits) for a single file; a diffusers folder has no A1111 hash (A1111
+    loads single files only): it gets the first 10 digits of castbook's folder digest, and a
+    built-in those of sha256("builtin:NAME@RECIPE"). `Lora hashes` uses A1111's LoRA hash from
+    `lora_hashes` (`a1111_lora_hashes`); a LoRA whose file is not at hand falls back to the
+    first 12 digits of its sha256. `Version: castbook-X.Y.Z` names the writer."""
     prompt = job.prompt
     if job.loras:
         # A1111 keeps LoRAs in the prompt as <lora:name:weight> tags.
@@ -71,15 +110,17 @@ def format_parameters(job: RenderJob) -> str:
         ("Seed", str(job.seed)),
         ("Size", f"{job.width}x{job.height}"),
         ("Model hash", short_hash(job.base_model.digest)),
-        ("Model", job.base_model.ref),
+        ("Model", model_name(job.base_model)),
     ]
     if job.vae is not None:  # A1111 writes these two for a non-default VAE
         fields += [("VAE hash", short_hash(job.vae.digest)), ("VAE", job.vae.ref)]
     if job.loras:
-        fields.append(("Lora hashes", ", ".join(f"{l.name}: {short_hash(l.digest)}" for l in job.loras)))
+        hashes = lora_hashes or {}
+        fields.append(("Lora hashes", ", ".join(
+            f"{l.name}: {hashes.get(l.name) or short_hash(l.digest, A1111_LORA_HASH_LENGTH)}" for l in job.loras)))
     if job.controls:
         fields.append(("ControlNet", ", ".join(f"{c.type}: {_fmt_weight(c.scale)}" for c in job.controls)))
-    fields.append(("castbook", castbook_version()))
+    fields.append(("Version", f"castbook-{castbook_version()}"))
     params = ", ".join(f"{k}: {_quote(v)}" for k, v in fields)
     return f"{prompt}\nNegative prompt: {job.negative_prompt}\n{params}"
 
@@ -137,7 +178,8 @@ def castbook_metadata(job: RenderJob, environment: dict, performance: dict | Non
     }
 
 
-def encode_png(image: Image.Image, job: RenderJob, environment: dict, performance: dict | None = None) -> bytes:
+def encode_png(image: Image.Image, job: RenderJob, environment: dict, performance: dict | None = None,
+               root: Path | None = None) -> bytes:
     """PNG bytes of `image` with the `parameters` and `castbook` text chunks.
 
     Deterministic: the same pixels, job and environment give the same bytes
@@ -145,7 +187,7 @@ def encode_png(image: Image.Image, job: RenderJob, environment: dict, performanc
     """
     info = PngImagePlugin.PngInfo()
     # add_text writes tEXt when latin-1 encodable, else iTXt (UTF-8): both are what parsers read.
-    info.add_text("parameters", format_parameters(job))
+    info.add_text("parameters", format_parameters(job, a1111_lora_hashes(job, root)))
     info.add_text("castbook", json.dumps(castbook_metadata(job, environment, performance), sort_keys=True))
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)

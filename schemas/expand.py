@@ -11,6 +11,7 @@ import itertools
 import re
 
 from core.errors import CastbookError
+from schemas.annotators import digest_key as annotator_digest_key
 from schemas.builtins import DEFAULT_CONTROLNET, builtin_digest
 from schemas.checks import job_count_error, seed_list
 from schemas.job import RenderJob, ResolvedControl, ResolvedLora, ResolvedModel, job_key
@@ -241,6 +242,8 @@ def _control(control, scale: float | None, spec: Spec, digests: dict[str, str]) 
     params: dict = {}
     if control.type == "canny":
         params = {"low_threshold": control.low_threshold, "high_threshold": control.high_threshold}
+    if control.type == "seg" and control.points_per_side is not None:  # only when set: keys stay
+        params = {"points_per_side": control.points_per_side}
     return ResolvedControl(
         type=control.type,
         image=control.image,
@@ -251,7 +254,17 @@ def _control(control, scale: float | None, spec: Spec, digests: dict[str, str]) 
         detector=(getattr(control, "detector", "canny") if control.preprocess else "none"),
         detector_params=params if control.preprocess else {},
         annotator_dir=control.annotator or spec.defaults.annotators,
+        annotator_digest=_annotator_digest(control, spec, digests),
     )
+
+
+def _annotator_digest(control, spec: Spec, digests: dict[str, str]) -> str | None:
+    """The digest of the annotator files a preprocessed control loads (computed at the edge)."""
+    folder = control.annotator or spec.defaults.annotators
+    detector = getattr(control, "detector", "canny")
+    if not control.preprocess or folder is None:
+        return None
+    return digests.get(annotator_digest_key(folder, detector))
 
 
 __all__ = ["NO_CHARACTER", "PlanError", "derive_seed", "expand", "job_key"]

@@ -57,6 +57,8 @@ class ResolvedControl(Strict):
     detector: str  # controlnet-aux detector name ("canny", "openpose", "midas", ...); "none" when not preprocessed
     detector_params: dict[str, float | int | str | bool] = Field(default_factory=dict)
     annotator_dir: str | None = None  # trusted local folder with annotator checkpoints
+    # schemas.annotators.weights_digest of the files the detector loads; only when it has weights
+    annotator_digest: str | None = None
 
 
 class RenderJob(Strict):
@@ -114,6 +116,8 @@ class RenderJob(Strict):
                     "model": c.model.digest,
                     "detector": c.detector,
                     "detector_params": c.detector_params,
+                    # Only when an annotator folder is used, so keys of other controls never change.
+                    **({"annotator": c.annotator_digest} if c.annotator_digest is not None else {}),
                 }
                 for c in self.controls
             ],

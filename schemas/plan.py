@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.digests import path_digest
+from schemas import annotators
 from schemas.builtins import DEFAULT_SCORER
 from schemas.expand import expand
 from schemas.job import RenderJob
-from schemas.loader import glob_matches
+from schemas.loader import ErrorSink, glob_matches
 from schemas.prompt_length import check_prompt_lengths
 from schemas.spec import BuiltinModel, DiffusersFolder, SingleFile, Spec
 from schemas.spec_loader import load_spec
@@ -37,8 +38,43 @@ def referenced_files(spec: Spec) -> set[str]:
     return paths
 
 
+def annotator_uses(spec: Spec) -> list[tuple[tuple, str, str]]:
+    """(spec location, folder, detector) of each preprocessed control whose detector loads weights."""
+    uses = []
+    for sname, scene in spec.scenes.items():
+        for i, control in enumerate(scene.controls):
+            detector = getattr(control, "detector", "canny")
+            if control.preprocess and annotators.needs_weights(detector):
+                loc = ("scenes", sname, "controls", i)
+                if control.annotator:
+                    uses.append((loc + ("annotator",), control.annotator, detector))
+                else:
+                    uses.append((loc + ("detector",) if "detector" in control.model_fields_set else loc,
+                                 spec.defaults.annotators, detector))
+    return uses
+
+
 def compute_digests(spec: Spec, root: Path) -> dict[str, str]:
-    return {rel: path_digest(root / rel) for rel in sorted(referenced_files(spec))}
+    digests = {rel: path_digest(root / rel) for rel in sorted(referenced_files(spec))}
+    # Annotator folders: only the files each detector loads (a folder may hold every annotator).
+    for _, folder, detector in annotator_uses(spec):
+        key = annotators.digest_key(folder, detector)
+        if folder is not None and key not in digests:
+            digest = annotators.weights_digest(detector, root / folder)
+            if digest is not None:
+                digests[key] = digest
+    return digests
+
+
+def check_annotators(loaded) -> None:
+    """Raise SpecErrors, located at the control, when a detector's annotator files are missing."""
+    sink = ErrorSink(loaded.sources)
+    for loc, folder, detector in annotator_uses(loaded.spec):
+        path = loaded.root / folder if folder is not None else None
+        if annotators.find_weights(detector, path) is None:
+            shown = folder if folder is not None else None
+            sink.add(loc, annotators.missing_message(detector, shown, f"detector {detector}"))
+    sink.raise_if_any()
 
 
 @dataclass(frozen=True)
@@ -99,6 +135,7 @@ def load_plan(spec_paths: list[Path] | Path, overrides: list[str] = (), root: Pa
               only: str | None = None) -> Plan:
     """Files → validated spec → digests → jobs. Raises SpecErrors."""
     loaded = load_spec(spec_paths, overrides, root)
+    check_annotators(loaded)
     digests = compute_digests(loaded.spec, loaded.root)
     jobs = expand(loaded.spec, digests)
     check_prompt_lengths(loaded, jobs)

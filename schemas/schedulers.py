@@ -32,7 +32,8 @@ SCHEDULERS: dict[str, SchedulerRecipe] = {
     "dpmpp_2m": SchedulerRecipe(cls="DPMSolverMultistepScheduler", a1111="DPM++ 2M",
                                 config={"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpmpp_2m_karras": SchedulerRecipe(
-        cls="DPMSolverMultistepScheduler", a1111="DPM++ 2M Karras",
+        # A1111 1.10 writes the schedule as its own field: "Sampler: DPM++ 2M, Schedule type: Karras".
+        cls="DPMSolverMultistepScheduler", a1111="DPM++ 2M", a1111_schedule="Karras",
         config={"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
     "ddim": SchedulerRecipe(cls="DDIMScheduler", a1111="DDIM"),
     "unipc": SchedulerRecipe(cls="UniPCMultistepScheduler", a1111="UniPC"),

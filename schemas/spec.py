@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
 
+from schemas.annotators import loadable_detector
 from schemas.base import Strict
 from schemas.builtins import BASE_MODELS, CLIP_MODELS, CONTROLNET_MODELS
 from schemas.job import ControlType, Dtype, SchedulerName
@@ -256,15 +257,20 @@ class PoseControl(_Control):
     type: Literal["pose"]
     detector: Literal["openpose", "dwpose"] = "openpose"
 
+    _check_detector = field_validator("detector")(loadable_detector)
+
 
 class DepthControl(_Control):
     type: Literal["depth"]
     detector: Literal["midas", "zoe", "leres"] = "midas"
 
+    _check_detector = field_validator("detector")(loadable_detector)
+
 
 class SegControl(_Control):
     type: Literal["seg"]
     detector: Literal["sam"] = "sam"
+    points_per_side: int | None = Field(default=None, ge=1, le=64, description="SAM's mask grid (default 32).")
 
 
 class NormalControl(_Control):

@@ -46,15 +46,16 @@ def test_parameters_round_trip_prompt_seed_steps_cfg_size():
     assert float(p["CFG scale"]) == job.guidance_scale
     assert p["Size"] == "64x64"
     assert p["Sampler"] == "Euler a"
-    assert p["Model"] == "builtin:tiny-sdxl"  # quoted in the text (it has a colon), unquoted here
+    assert p["Model"] == "tiny-sdxl"  # the built-in's name (a file's stem, a folder's name)
     assert len(p["Model hash"]) == 10
-    assert p["Lora hashes"] == f"luca: {'ab' * 5}, ink: {'cd' * 5}"
-    assert p["castbook"] == "0.1.0"
+    # no LoRA files at hand here: the fallback is the first 12 digits of each file's sha256
+    assert p["Lora hashes"] == f"luca: {'ab' * 6}, ink: {'cd' * 6}"
+    assert p["Version"] == "castbook-0.1.0"
 
 
 @pytest.mark.parametrize(
     "scheduler,name",
-    [("euler", "Euler"), ("dpmpp_2m", "DPM++ 2M"), ("dpmpp_2m_karras", "DPM++ 2M Karras"),
+    [("euler", "Euler"), ("dpmpp_2m", "DPM++ 2M"), ("dpmpp_2m_karras", "DPM++ 2M"),
      ("ddim", "DDIM"), ("unipc", "UniPC")],
 )
 def test_sampler_names_as_a1111_writes_them(scheduler, name):

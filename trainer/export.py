@@ -14,20 +14,20 @@ from pathlib import Path
 
 from core.files import atomic_write_bytes, atomic_write_text, new_temp_folder
 from trainer.errors import TrainingError
+from trainer.lora_metadata import ecosystem_metadata, save_with_model_hash
 
 REGISTRY_SECTION = "loras"
 
 
 def _with_metadata(src: Path, dst: Path, extra: dict[str, str]) -> None:
     from safetensors import safe_open
-    from safetensors.torch import save
 
     with safe_open(str(src), framework="pt") as f:
         meta = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     meta.update(extra)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(dst, save(tensors, metadata=meta))
+    atomic_write_bytes(dst, save_with_model_hash(tensors, meta))
 
 
 def save_diffusers_lora(dst: Path, layers: dict[str, dict], configs: dict[str, dict], metadata: dict[str, str]) -> Path:
@@ -58,7 +58,6 @@ def to_kohya(src: Path, dst: Path, alpha: float, te_alpha: float, extra: dict[st
     import torch
     from diffusers.utils import convert_state_dict_to_kohya
     from safetensors import safe_open
-    from safetensors.torch import save
 
     with safe_open(str(src), framework="pt") as f:
         sd = {k: f.get_tensor(k) for k in f.keys()}
@@ -72,7 +71,7 @@ def to_kohya(src: Path, dst: Path, alpha: float, te_alpha: float, extra: dict[st
     meta = {"ss_network_module": "networks.lora", "ss_network_alpha": str(alpha), **extra}
     if "castbook.rank" in extra:
         meta["ss_network_dim"] = extra["castbook.rank"]
-    atomic_write_bytes(dst, save({k: v.contiguous() for k, v in kohya.items()}, metadata=meta))
+    atomic_write_bytes(dst, save_with_model_hash({k: v.contiguous() for k, v in kohya.items()}, meta))
     return dst
 
 
@@ -114,12 +113,15 @@ def finish(trainer, result, src: Path, best: int | None) -> None:
     meta["castbook.steps"] = str(best if best is not None else trainer.step)
     meta["castbook.selected"] = f"clip_i best (step {best})" if best is not None else "last"
     result.best_step = best
+    # What A1111/Forge, ComfyUI and model sites read (ss_*, modelspec.*): trainer/lora_metadata.py.
+    items = trainer.prep.items
     if spec.output.format in ("diffusers", "both"):
-        _with_metadata(src, paths.lora_file, meta)
+        _with_metadata(src, paths.lora_file, {**meta, **ecosystem_metadata(spec, items, "diffusers")})
         result.lora_file = paths.lora_file
     if spec.output.format in ("kohya", "both"):
         te_rank = spec.lora.text_encoder_rank or spec.lora.rank
-        to_kohya(src, paths.kohya_file, spec.lora.alpha, spec.lora.alpha * te_rank / spec.lora.rank, meta)
+        to_kohya(src, paths.kohya_file, spec.lora.alpha, spec.lora.alpha * te_rank / spec.lora.rank,
+                 {**meta, **ecosystem_metadata(spec, items, "kohya")})
         result.kohya_file = paths.kohya_file
     if spec.output.registry:
         registry = trainer.root / spec.output.registry

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 from scipy.cluster.vq import kmeans2
 
 from core.files import atomic_write_bytes, atomic_write_text
+from schemas.annotators import DETECTORS
 from trainer.data import IMAGE_EXTENSIONS
 from trainer.errors import PrepareError
 
@@ -35,8 +36,9 @@ LIMBS = [(1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10)
 COLOURS = [(255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0), (0, 255, 0),
            (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255), (0, 0, 255), (85, 0, 255),
            (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85)]
-# from_pretrained(dir) loads all three (body, hand, face) even when only the body is used.
-ANNOTATOR_FILES = ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")
+# from_pretrained(dir) loads all three (body, hand, face) even when only the body is used; the
+# file names come from the detector table the renderer uses too (schemas/annotators.py).
+ANNOTATOR_FILES = DETECTORS["openpose"].weights[0].files
 
 Detector = Callable[[Image.Image], list[np.ndarray]]
 
@@ -195,7 +197,7 @@ def openpose_detector(folder: Path) -> Detector:
 
     try:
         model = OpenposeDetector.from_pretrained(str(folder))  # local trusted folder only (checked above)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:  # damaged or wrong files
+    except (OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError) as e:  # damaged or wrong files
         raise PrepareError(f"the annotator files in --annotator {folder} cannot be loaded ({e}); replace "
                            f"{', '.join(ANNOTATOR_FILES)} with intact copies (from lllyasviel/Annotators)") from e
 
