@@ -28,6 +28,7 @@ from renderer.models import (
     resolve_device,
     resolve_dtype,
 )
+from renderer.passes import run_passes
 from renderer.performance import apply_performance, compile_module, compile_pipeline
 
 
@@ -70,6 +71,7 @@ class JobRenderer:
         self._base_scheduler_config = None
         self._controlnets: dict[tuple, object] = {}  # (digest, dtype) -> ControlNetModel
         self._control_pipes: dict[tuple, object] = {}  # tuple of controlnet keys -> pipeline
+        self._pass_pipes: dict[tuple, object] = {}  # img2img/inpaint/refiner pipelines of the passes (renderer/passes.py)
         self._fallback: str | None = None
         self._compiled = False
         self.applied: list[str] = []  # performance options in effect (for logs and bench results)
@@ -131,7 +133,10 @@ class JobRenderer:
         run_pipe.scheduler = make_scheduler(job.scheduler, self._base_scheduler_config)
         # 7. denoise + decode (with one OOM retry on CUDA)
         t = time.perf_counter()
-        image = self._denoise(run_pipe, job, kwargs)
+        if job.passes is None:
+            image = self._denoise(run_pipe, job, kwargs)
+        else:  # 7b. first pass + finishing passes on the same components (renderer/passes.py)
+            image = run_passes(self, run_pipe, job, kwargs, dtype, timings)
         timings["denoise_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t_start
         self.stats["jobs"] += 1
@@ -176,6 +181,7 @@ class JobRenderer:
         self._pipe_key = None
         self._controlnets.clear()
         self._control_pipes.clear()
+        self._pass_pipes.clear()
         self.loras.reset()
         self._fallback = None
         self._compiled = False
@@ -254,9 +260,10 @@ class JobRenderer:
             width=job.width,
             height=job.height,
             generator=torch.Generator("cpu").manual_seed(job.seed),
-            output_type="np",  # float pixels, to see NaNs; converted exactly as output_type="pil" would
-            **kwargs,
+            **{"output_type": "np", **kwargs},  # float pixels, to see NaNs; converted exactly as output_type="pil" would
         )
+        if kwargs.get("output_type") == "latent":  # a finishing pass continues from the latents (renderer/passes.py)
+            return out.images
         arr = out.images
         if np.isnan(arr).any():
             raise JobError(

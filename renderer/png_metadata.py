@@ -120,9 +120,44 @@ def format_parameters(job: RenderJob, lora_hashes: dict[str, str] | None = None)
             f"{l.name}: {hashes.get(l.name) or short_hash(l.digest, A1111_LORA_HASH_LENGTH)}" for l in job.loras)))
     if job.controls:
         fields.append(("ControlNet", ", ".join(f"{c.type}: {_fmt_weight(c.scale)}" for c in job.controls)))
+    fields += pass_parameters(job)
     fields.append(("Version", f"castbook-{castbook_version()}"))
     params = ", ".join(f"{k}: {_quote(v)}" for k, v in fields)
     return f"{prompt}\nNegative prompt: {job.negative_prompt}\n{params}"
+
+
+def pass_parameters(job: RenderJob) -> list[tuple[str, str]]:
+    """Infotext fields of the finishing passes (schemas/passes.py), named as A1111 writes them:
+    Denoising strength, Hires upscale/steps/upscaler, Refiner, Refiner switch at, and the
+    ADetailer extension's fields for the detail pass."""
+    p = job.passes
+    if p is None:
+        return []
+    fields: list[tuple[str, str]] = []
+    if p.init is not None:
+        fields.append(("Denoising strength", _fmt_weight(p.init.strength)))
+        if p.init.mask is not None:
+            fields += [("Init image hash", short_hash(p.init.image_digest)),
+                       ("Mask", "auto" if p.init.mask == "auto" else short_hash(p.init.mask_digest or ""))]
+        else:
+            fields.append(("Init image hash", short_hash(p.init.image_digest)))
+    if p.hires is not None:
+        h = p.hires
+        fields += [("Hires strength" if p.init is not None else "Denoising strength", _fmt_weight(h.strength)),
+                   ("Hires upscale", _fmt_weight(h.scale)), ("Hires steps", str(h.steps)),
+                   ("Hires upscaler", {"latent": "Latent", "lanczos": "Lanczos"}[h.upscaler])]
+    if p.refiner is not None:
+        name = p.refiner.model_ref.removeprefix("builtin:").rsplit("/", 1)[-1].removesuffix(".safetensors")
+        fields += [("Refiner", f"{name} [{short_hash(p.refiner.model_digest)}]"),
+                   ("Refiner switch at", _fmt_weight(p.refiner.switch_at))]
+    if p.detail is not None:
+        d = p.detail
+        fields += [("ADetailer model", d.detector), ("ADetailer denoising strength", _fmt_weight(d.strength)),
+                   ("ADetailer inpaint padding", str(d.padding)), ("ADetailer use separate steps", "True"),
+                   ("ADetailer steps", str(d.steps))]
+        if d.prompt:
+            fields.append(("ADetailer prompt", d.prompt))
+    return fields
 
 
 # A1111's own pattern for "Key: value" pairs in the last infotext line.

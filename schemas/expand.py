@@ -15,6 +15,7 @@ from schemas.annotators import digest_key as annotator_digest_key
 from schemas.builtins import DEFAULT_CONTROLNET, builtin_digest
 from schemas.checks import job_count_error, seed_list
 from schemas.job import RenderJob, ResolvedControl, ResolvedLora, ResolvedModel, job_key
+from schemas.passes import resolve_passes
 from schemas.presets import resolve_presets
 from schemas.spec import BuiltinModel, DiffusersFolder, SingleFile, Spec, merged_vars, var_label
 from schemas.templates import prompt_variables, render_prompt
@@ -208,6 +209,8 @@ def _scene_jobs(spec: Spec, digests: dict[str, str], presets: dict, base_model, 
             if spec.defaults.style:
                 prompt = f"{prompt}, {spec.defaults.style}"
             prompt = " ".join(prompt.split())
+            # finishing passes (schemas/passes.py): the preset's, the job's, the scene's init image or plate
+            passes = resolve_passes(values, scene, job, digests, int(values["width"]), int(values["height"]))
 
             for seed in seed_list(job.seeds):
                 for image_index in range(job.images_per_seed):
@@ -228,7 +231,7 @@ def _scene_jobs(spec: Spec, digests: dict[str, str], presets: dict, base_model, 
                             loras=loras, controls=resolved_controls,
                             sweep={**combo, **var_axes},
                             best_of_group=(stem + suffix) if job.best_of > 1 else None,
-                            candidate=candidate,
+                            candidate=candidate, passes=passes,
                         )
                         jobs.append(draft.model_copy(update={"key": job_key(draft)}))
     return jobs

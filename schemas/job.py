@@ -14,6 +14,7 @@ from pydantic import Field
 
 from core.digests import canonical_json
 from schemas.base import Strict
+from schemas.passes import ResolvedPasses, pass_pixel_fields
 from schemas.schedulers import SchedulerName, scheduler_key
 
 # Bump when castbook changes how a job is turned into pixels (scheduler mapping,
@@ -84,6 +85,7 @@ class RenderJob(Strict):
     sweep: dict[str, float | int | str] = Field(default_factory=dict)  # axis -> value, for grids
     best_of_group: str | None = None  # jobs sharing a group are candidates; scoring keeps one
     candidate: int = 0
+    passes: ResolvedPasses | None = None  # finishing passes (schemas/passes.py); None: text-to-image only
 
     def pixel_fields(self) -> dict:
         """Everything that changes pixels: the input of the job key."""
@@ -121,6 +123,8 @@ class RenderJob(Strict):
                 }
                 for c in self.controls
             ],
+            # Finishing passes, only when set, so that keys of jobs without them never change.
+            **pass_pixel_fields(self.passes),
         }
 
 

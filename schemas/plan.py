@@ -16,6 +16,7 @@ from schemas.builtins import DEFAULT_SCORER
 from schemas.expand import expand
 from schemas.job import RenderJob
 from schemas.loader import ErrorSink, glob_matches
+from schemas.passes import pass_files
 from schemas.prompt_length import check_prompt_lengths
 from schemas.spec import BuiltinModel, DiffusersFolder, SingleFile, Spec
 from schemas.spec_loader import load_spec
@@ -35,6 +36,7 @@ def referenced_files(spec: Spec) -> set[str]:
     for model in models:
         if isinstance(model, (DiffusersFolder, SingleFile)):
             paths.add(model.path)
+    paths |= pass_files(spec)  # init images, plates, masks, refiner models (schemas/passes.py)
     return paths
 
 
@@ -95,6 +97,8 @@ class Plan:
             refs.update(c.model.ref for c in job.controls)
             if job.vae is not None:
                 refs.add(job.vae.ref)
+            if job.passes is not None and job.passes.refiner is not None:
+                refs.add(job.passes.refiner.model_ref)
         return refs
 
     @property

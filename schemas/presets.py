@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from schemas.passes import PASS_FIELDS
 from schemas.spec import BUILTIN_PRESETS, Spec
 
 PRESET_FIELDS = ("num_inference_steps", "width", "height", "guidance_scale", "scheduler")
@@ -40,6 +41,8 @@ def resolve_presets(spec: Spec) -> dict[str, dict]:
         else:
             base = {}
         base.update({k: v for k, v in own.model_dump(include=set(PRESET_FIELDS)).items() if v is not None})
+        # Pass fields (hires, refiner, detail): set -> replaces the inherited pass; null -> switches it off.
+        base.update(own.model_dump(include=set(PASS_FIELDS) & own.model_fields_set))
         missing = [f for f in PRESET_FIELDS if f not in base]
         if missing:
             raise PresetError(name, f"preset `{name}` does not set {', '.join(missing)}; set them or add `extends: standard`")

@@ -16,6 +16,7 @@ from schemas.annotators import loadable_detector
 from schemas.base import Strict
 from schemas.builtins import BASE_MODELS, CLIP_MODELS, CONTROLNET_MODELS
 from schemas.job import ControlType, Dtype, SchedulerName
+from schemas.passes import JobPassFields, PresetPassFields, ScenePassFields
 
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=80)]
@@ -100,7 +101,7 @@ def _check_builtin(model: BaseModel, allowed: tuple[str, ...], what: str) -> Non
 # --- presets ---------------------------------------------------------------------------
 
 
-class Preset(Strict):
+class Preset(PresetPassFields):  # + hires, refiner, detail (schemas/passes.py)
     """Quality preset. In a spec, every field is optional: a preset named like a built-in
     overrides only what it sets; a new preset inherits from `extends`."""
 
@@ -122,6 +123,9 @@ BUILTIN_PRESETS: dict[str, dict] = {
     # skips the unconditional pass, halving the UNet work per step).
     "fast": {"num_inference_steps": 4, "width": 1024, "height": 1024, "guidance_scale": 1.0, "scheduler": "euler_trailing"},
 }
+# Finishing passes of the built-in presets (schemas/passes.py; README "Presets and finishing passes").
+BUILTIN_PRESETS["high"]["hires"] = {"scale": 1.5, "upscaler": "lanczos", "strength": 0.35, "steps": 15}
+BUILTIN_PRESETS["ultra"]["hires"] = {"scale": 1.5, "upscaler": "latent", "strength": 0.55, "steps": 30}
 
 # --- LoRA registry ------------------------------------------------------------------
 
@@ -285,7 +289,7 @@ Control = Annotated[
 # --- scenes and jobs ---------------------------------------------------------------
 
 
-class Scene(Strict):
+class Scene(ScenePassFields):  # + init_image, strength, background_plate, mask (schemas/passes.py)
     prompt: str = Field(description="Jinja2 template (sandboxed): {{ character }}, {{ name }}, {{ description }}, {{ trigger }}, {{ scene }}.")
     negative_prompt: str | None = None
     loras: list[LoraUseItem] = []
@@ -306,7 +310,7 @@ SWEEP_FIXED_AXES = ("guidance_scale", "num_inference_steps", "scheduler", "width
 SWEEP_AXIS_PATTERN = re.compile(r"^(guidance_scale|num_inference_steps|scheduler|width|height|loras\.([A-Za-z0-9_][A-Za-z0-9_.-]*)\.weight|controls\.(pose|depth|canny|seg|normal)\.scale|vars\.[A-Za-z_][A-Za-z0-9_]*)$")
 
 
-class JobMatrix(Strict):
+class JobMatrix(JobPassFields):  # + hires, refiner, detail, init_image, strength (schemas/passes.py)
     """A named matrix: characters × scenes × presets × seeds × images × sweep axes."""
 
     characters: list[str] = Field(default=[], description="Empty: scenes without a character.")

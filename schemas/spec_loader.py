@@ -250,6 +250,7 @@ def _path_fields(data: dict) -> Iterator[tuple[Loc, str]]:
                     yield base + ("annotator",), "dir"
                 if get(control, "model") is not None:
                     yield from _model_fields(base + ("model",), control["model"])
+    yield from _pass_path_fields(data)
     yield from _var_files(data)
     if isinstance(get(get(data, "performance"), "vae"), str):
         yield ("performance", "vae"), "dir"
@@ -258,6 +259,23 @@ def _path_fields(data: dict) -> Iterator[tuple[Loc, str]]:
         yield ("scoring", "weights"), "file"
     if isinstance(get(scoring, "dino"), str):
         yield ("scoring", "dino"), "dir"
+
+
+def _pass_path_fields(data: dict) -> Iterator[tuple[Loc, str]]:
+    """Finishing passes (schemas/passes.py): init images, plates, masks (`auto` is no path), refiner models."""
+    for section, keys in (("scenes", ("init_image", "background_plate", "mask")), ("jobs", ("init_image",))):
+        owners = data.get(section) if isinstance(data, dict) else None
+        for name, owner in owners.items() if isinstance(owners, dict) else ():
+            for key in keys:
+                value = owner.get(key) if isinstance(owner, dict) else None
+                if isinstance(value, str) and not (key == "mask" and value == "auto"):
+                    yield (section, name, key), "file"
+    for section in ("presets", "jobs"):
+        owners = data.get(section) if isinstance(data, dict) else None
+        for name, owner in owners.items() if isinstance(owners, dict) else ():
+            refiner = owner.get("refiner") if isinstance(owner, dict) else None
+            if isinstance(refiner, dict):
+                yield from _model_fields((section, name, "refiner", "model"), refiner.get("model"))
 
 
 VAR_FILE_MAX_BYTES = 1 << 20
