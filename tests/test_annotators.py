@@ -26,18 +26,9 @@ from schemas.annotators import weights_digest
 from schemas.loader import SpecErrors
 from schemas.plan import load_plan
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two shared cores under load: one torch thread is faster than two fighting (see test_trainer).
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 TYPES = {"canny": "canny", "pose": "openpose", "depth": "midas", "normal": "normalbae", "seg": "sam"}

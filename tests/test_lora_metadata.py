@@ -17,18 +17,9 @@ from core.digests import file_digest
 from core.model_hashes import lora_hash
 from schemas.job import ResolvedLora
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two shared cores under load: one torch thread is faster than two fighting (see test_trainer).
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,9 @@ TEST_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "yellow": (230, 220, 20)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two shared cores under load: one torch thread is ~4x faster than two fighting.
-    import torch
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_dataset(folder: Path, trigger: str = "zqx") -> None:
