@@ -15,6 +15,8 @@ BUILTIN_RECIPES: dict[str, int] = {
     "toy-sdxl": 2,
     "toy-controlnet": 2,  # ControlNet trained on toy-sdxl with drawn pose maps (retrain it with the base)
     "toy-clip": 2,  # default scorer wherever the base model is builtin:toy-sdxl
+    "tiny-ip-adapter": 1,  # plain IP-Adapter for tiny-sdxl, random projection, with a tiny random image encoder
+    "toy-ip-adapter": 1,  # IP-Adapter + small image encoder trained on toy-sdxl (specs/toy/toy-ip-adapter.yaml)
 }
 
 # What each shipped (trained) built-in's recipe number stands for: `core.digests.folder_digest`
@@ -29,6 +31,7 @@ SHIPPED_WEIGHTS: dict[str, str] = {
 BASE_MODELS = ("tiny-sdxl", "sdxl-random", "toy-sdxl")
 CONTROLNET_MODELS = ("tiny-controlnet", "toy-controlnet")
 CLIP_MODELS = ("tiny-clip", "toy-clip")
+IP_ADAPTER_MODELS = ("tiny-ip-adapter", "toy-ip-adapter")
 
 # The ControlNet and scorer a built-in base model uses unless the spec names others.
 DEFAULT_CONTROLNET = {"tiny-sdxl": "tiny-controlnet", "toy-sdxl": "toy-controlnet"}
