@@ -174,7 +174,18 @@ class IpEncoderSpec(Strict):
     intermediate_size: int = Field(128, ge=8)
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
-    projection_dim: int = Field(32, ge=4)  # image_embeds size = the adapter's clip_embeddings_dim
+    projection_dim: int = Field(18, ge=4)  # image_embeds size = the adapter's clip_embeddings_dim
+    # attributes: image_embeds are colour / shape / eye-colour logits (8 + 6 + 4 = 18), learnt by
+    # cross-entropy only (an identity encoder, like the face-recognition embedding of IP-Adapter
+    # FaceID); joint: any projection_dim, learnt through the denoising loss plus auxiliary heads.
+    objective: Literal["attributes", "joint"] = "attributes"
+    label_smoothing: float = Field(0.1, ge=0, lt=1)  # keeps the logits bounded
+
+    @model_validator(mode="after")
+    def _attribute_dims(self):
+        if self.objective == "attributes" and self.projection_dim != 18:
+            raise ValueError("encoder.objective attributes needs projection_dim: 18 (8 colours + 6 shapes + 4 eye colours)")
+        return self
 
 
 class IpCaptionMix(Strict):
@@ -199,6 +210,9 @@ class IpEvalSpec(Strict):
     guidance_scale: float = Field(5.0, ge=0)
     scale: float = Field(1.0, ge=0)  # set_ip_adapter_scale
     seed: int = 3000
+    # full: "luca, a brown heart character with green eyes on the beach" (what a spec with the character's
+    # description renders); no_identity: "luca, a character with green eyes on the beach"
+    prompt: Literal["full", "no_identity"] = "full"
 
 
 class ToyIpAdapterSpec(Strict):
@@ -217,7 +231,7 @@ class ToyIpAdapterSpec(Strict):
     references_per_sample: int = Field(2, ge=1)  # other images of the same character, embeddings averaged
     captions: IpCaptionMix = IpCaptionMix()
     image_dropout: float = Field(0.1, ge=0, le=1)  # zero image embeds (the pipeline's negative)
-    attribute_loss: float = Field(0.1, ge=0)  # weight of the encoder's colour/shape/eyes heads (not shipped)
+    attribute_loss: float = Field(1.0, ge=0)  # weight of the encoder's colour/shape/eyes cross-entropy
     eval: IpEvalSpec = IpEvalSpec()
     checkpoint_every: int = Field(250, ge=1)
     max_minutes: float | None = Field(None, gt=0)

@@ -118,9 +118,122 @@ def test_bad_adapter_file_is_a_clear_error(root, renderer, tmp_path):
     bad = ip(root).model_copy(update={"model": "missing.safetensors", "digest": "x"})
     with pytest.raises(JobError, match="does not exist"):
         renderer.render(job(ip_adapter=bad))
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(root / "not_ip.safetensors"))
     with pytest.raises(JobError, match="not an IP-Adapter"):
         renderer.render(job(ip_adapter=ip(root).model_copy(update={"model": "not_ip.safetensors", "digest": "y"})))
+
+
+# ----------------------------------------------------------------------------- the spec side (no torch)
+
+SPEC = """\
+defaults: {preset: draft}
+presets:
+  draft: {width: 64, height: 64, num_inference_steps: 2}
+characters:
+  hero:
+    description: a hero
+    references: ["refs/*.png"]
+    ip_adapter: {model: builtin:tiny-ip-adapter, scale: 0.7}
+  villain:
+    description: a villain
+    ip_adapter: {model: adapters/ip.safetensors, image_encoder: adapters/image_encoder, images: ["villain/*.png"]}
+  plain:
+    description: a plain one
+scenes:
+  park: {prompt: "{{ character }} in a park"}
+  noip: {prompt: "{{ character }} at home", use_ip_adapter: false}
+jobs:
+  main: {characters: [hero, villain, plain], scenes: [park, noip]}
+  base: {characters: [hero], scenes: [park], use_ip_adapter: false}
+  sweep: {characters: [hero], scenes: [park], sweep: {ip_adapter.scale: [0, 0.5]}}
+"""
+
+
+@pytest.fixture()
+def proj(tmp_path):
+    root = tmp_path / "proj"
+    (root / ".git").mkdir(parents=True)
+    for rel in ("refs/a.png", "refs/b.png", "villain/v.png", "adapters/ip.safetensors",
+                "adapters/image_encoder/config.json", "adapters/image_encoder/model.safetensors"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(rel.encode())
+    (root / "spec.yaml").write_text(SPEC)
+    return root
+
+
+def _jobs(root, text=None):
+    from schemas.plan import load_plan
+
+    if text is not None:
+        (root / "spec.yaml").write_text(text)
+    return {j.name: j for j in load_plan([root / "spec.yaml"]).jobs}
+
+
+def test_spec_resolves_adapters_images_and_switches(proj):
+    jobs = _jobs(proj)
+    hero = jobs["main/hero/park/draft/seed-0"].ip_adapter
+    assert hero.model == "builtin:tiny-ip-adapter" and hero.scale == 0.7
+    assert hero.images == ("refs/a.png", "refs/b.png")  # default: the character's references
+    assert hero.image_digests == (_digest(proj / "refs/a.png"), _digest(proj / "refs/b.png"))
+    villain = jobs["main/villain/park/draft/seed-0"].ip_adapter
+    assert villain.images == ("villain/v.png",) and villain.digest == _digest(proj / "adapters/ip.safetensors")
+    assert villain.image_encoder == "adapters/image_encoder" and villain.scale == 0.6
+    assert jobs["main/plain/park/draft/seed-0"].ip_adapter is None
+    assert jobs["main/hero/noip/draft/seed-0"].ip_adapter is None  # the scene turns it off
+    assert jobs["base/hero/park/draft/seed-0"].ip_adapter is None  # and the job
+    assert [jobs[f"sweep/hero/park/draft/seed-0-ip={s}"].ip_adapter.scale for s in ("0", "0.5")] == [0.0, 0.5]
+
+
+def test_key_holds_adapter_encoder_images_and_scale_only_when_used(proj):
+    before = {n: j.key for n, j in _jobs(proj).items()}
+    assert "ip_adapter" not in _jobs(proj)["main/plain/park/draft/seed-0"].pixel_fields()
+    (proj / "refs/b.png").write_bytes(b"changed")
+    after = {n: j.key for n, j in _jobs(proj).items()}
+    changed = {n for n in before if before[n] != after[n]}
+    assert changed == {n for n in before if "/hero/park/" in n and not n.startswith("base/")}
+    (proj / "adapters/image_encoder/model.safetensors").write_bytes(b"new encoder")
+    again = {n: j.key for n, j in _jobs(proj).items()}
+    assert {n for n in after if after[n] != again[n]} == {n for n in after if "/villain/park/" in n}
+    scaled = {n: j.key for n, j in _jobs(proj, SPEC.replace("scale: 0.7", "scale: 0.8")).items()}
+    assert scaled["main/hero/park/draft/seed-0"] != again["main/hero/park/draft/seed-0"]
+    assert scaled["main/plain/park/draft/seed-0"] == again["main/plain/park/draft/seed-0"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ("builtin:tiny-ip-adapter, scale", "unknown built-in IP-Adapter"),
+    ("adapters/ip.bin, image_encoder: adapters/image_encoder, scale", "must be a .safetensors"),
+    ("adapters/ip.safetensors, scale", "`image_encoder` is required"),
+])
+def test_bad_ip_adapter_specs_are_clear(proj, change, message):
+    from schemas.loader import SpecErrors
+
+    bad = SPEC.replace("builtin:tiny-ip-adapter, scale", change.replace("builtin:tiny-ip-adapter", "builtin:nope")
+                       if "builtin" in change else change)
+    with pytest.raises(SpecErrors, match=message):
+        _jobs(proj, bad)
+
+
+def test_missing_images_and_sweeps_without_adapter_are_errors(proj):
+    from schemas.loader import SpecErrors
+
+    with pytest.raises(SpecErrors, match="matches no file"):
+        _jobs(proj, SPEC.replace("villain/*.png", "nobody/*.png"))
+    with pytest.raises(SpecErrors, match="has an `ip_adapter` to sweep"):
+        _jobs(proj, SPEC.replace("sweep: {characters: [hero]", "sweep: {characters: [plain]"))
+    with pytest.raises(SpecErrors, match="needs images"):
+        _jobs(proj, SPEC.replace('    references: ["refs/*.png"]\n', ""))
+
+
+def test_infotext_and_chunk_record_the_adapter(proj):
+    from renderer.png_metadata import castbook_metadata, format_parameters, parse_parameters
+
+    jobs = _jobs(proj)
+    params = parse_parameters(format_parameters(jobs["main/villain/park/draft/seed-0"]))
+    assert params["IP-Adapter"] == "ip" and params["IP-Adapter scale"] == "0.6"
+    assert params["IP-Adapter hash"] == _digest(proj / "adapters/ip.safetensors")[:10]
+    chunk = castbook_metadata(jobs["main/hero/park/draft/seed-0"], {})
+    assert chunk["ip_adapter"]["scale"] == 0.7 and chunk["ip_adapter"]["model"] == "builtin:tiny-ip-adapter"
+    assert "ip_adapter" not in castbook_metadata(jobs["main/plain/park/draft/seed-0"], {})

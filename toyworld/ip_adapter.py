@@ -170,9 +170,16 @@ def train_adapter(pipe, data: IpData, spec: ToyIpAdapterSpec, log: Callable[[str
     for m in modules:
         m.requires_grad_(True)
     d = spec.encoder.projection_dim
-    with seeded(spec.seed + 2):
-        heads = torch.nn.ModuleList([torch.nn.Linear(d, len(tw.COLOURS)), torch.nn.Linear(d, len(tw.SHAPES)),
-                                     torch.nn.Linear(d, len(tw.EYE_COLOURS))])
+    sizes = (len(tw.COLOURS), len(tw.SHAPES), len(tw.EYE_COLOURS))
+    joint = spec.encoder.objective == "joint"
+    with seeded(spec.seed + 2):  # joint: auxiliary heads (not shipped); attributes: the embedding's own slices
+        heads = torch.nn.ModuleList([torch.nn.Linear(d, n) for n in sizes] if joint else [])
+    bounds = np.cumsum((0,) + sizes)
+
+    def attribute_logits(emb):
+        if joint:
+            return [h(emb) for h in heads]
+        return [emb[:, bounds[n]:bounds[n + 1]] for n in range(3)]
     params = list(encoder.parameters()) + [q for m in modules for q in m.parameters()] + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=1.0, weight_decay=0.0)
     scheduler = noise_scheduler(pipe.scheduler.config)
@@ -192,8 +199,10 @@ def train_adapter(pipe, data: IpData, spec: ToyIpAdapterSpec, log: Callable[[str
         refs = torch.tensor([data.groups[int(i)][int(j)] for i in idx
                              for j in torch.randint(0, len(data.groups[int(i)]), (k,), generator=g)])
         emb = encoder(data.pixels[refs]).image_embeds  # (b*k) x d
-        aux = sum(F.cross_entropy(h(emb), data.attrs[refs, n]) for n, h in enumerate(heads)) / 3
-        img = emb.view(b, k, d).mean(dim=1)
+        aux = sum(F.cross_entropy(z, data.attrs[refs, n], label_smoothing=spec.encoder.label_smoothing)
+                  for n, z in enumerate(attribute_logits(emb))) / 3
+        # attributes: the encoder learns only from its labels (the adapter sees a detached embedding)
+        img = (emb if joint else emb.detach()).view(b, k, d).mean(dim=1)
         img = img * (torch.rand(b, generator=g) >= spec.image_dropout).to(img.dtype)[:, None]
         # captions: full / no identity / wrong identity / dropped (half zeros, half "")
         r = torch.rand(b, generator=g)
@@ -249,12 +258,14 @@ def reference_images(name: str, count: int, seed: int, size: int = 64):
     return [tw.generate_one(seed, i, size, only=only, prefix=name)[0] for i in range(count)]
 
 
-def character_prompt(name: str, background: str) -> str:
-    """What a spec renders for the example character (trigger word, description, scene)."""
+def character_prompt(name: str, background: str, kind: str = "full") -> str:
+    """What a spec renders for the example character (trigger word, description, scene); `no_identity`
+    leaves colour and shape to the references."""
     from toyworld import world as tw
 
     c, s, e = tw.CHARACTERS[name]
-    return f"{name}, a {c} {s} character with {e} eyes {tw.BACKGROUND_PHRASES[background]}"
+    what = f"a {c} {s} character" if kind == "full" else "a character"
+    return f"{name}, {what} with {e} eyes {tw.BACKGROUND_PHRASES[background]}"
 
 
 def evaluate_adapter(pipe, encoder, processor, spec: IpEvalSpec, size: int = 64, with_baseline: bool = True) -> dict:
@@ -272,7 +283,7 @@ def evaluate_adapter(pipe, encoder, processor, spec: IpEvalSpec, size: int = 64,
         refs = reference_images(name, spec.references, spec.seed, size)
         mean = encode_images(encoder, processor, refs, plus=False).mean(dim=0)
         embeds = pipeline_embeds(mean, torch.zeros_like(mean), guidance=spec.guidance_scale > 1)
-        cases = [(character_prompt(name, bgs[i % 3]), bgs[i % 3], spec.seed + i) for i in range(spec.per_character)]
+        cases = [(character_prompt(name, bgs[i % 3], spec.prompt), bgs[i % 3], spec.seed + i) for i in range(spec.per_character)]
         res = {}
         for mode in (("adapter", "baseline") if with_baseline else ("adapter",)):
             pipe.set_ip_adapter_scale(spec.scale if mode == "adapter" else 0.0)
@@ -332,7 +343,7 @@ def _run(spec: ToyIpAdapterSpec, root: Path, log: Callable[[str], None], do_eval
         encoder.eval()
         res = evaluate_adapter(pipe, encoder, processor, quick, spec.data.size, with_baseline=False)
         encoder.train()
-        curve.append({"step": step, **{n: r["adapter"]["identity"] for n, r in res.items()}})
+        curve.append({"step": step, **{n: r["adapter"] for n, r in res.items()}})
         log(f"checkpoint {step}: held-out identity hit rate " + json.dumps(curve[-1]))
 
     encoder, losses, done, t_train = train_adapter(pipe, data, spec, log, checkpoint=checkpoint)
