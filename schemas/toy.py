@@ -167,7 +167,10 @@ class ToyClipSpec(Strict):
 class IpEncoderSpec(Strict):
     """The image encoder: a small `CLIPVisionModelWithProjection` trained alongside the adapter."""
 
-    source: Literal["trained"] = "trained"  # trained from random init with the adapter (not converted)
+    # toy-clip: the vision tower of builtin:toy-clip (renderer/weights/toy/clip) converted, frozen;
+    # trained: a new one from random init (see objective)
+    source: Literal["toy-clip", "trained"] = "toy-clip"
+    clip: str = "renderer/weights/toy/clip"  # source toy-clip: the open_clip folder
     image_size: int = Field(64, ge=16)
     patch_size: int = Field(8, ge=1)
     hidden_size: int = Field(64, ge=8)
@@ -180,6 +183,10 @@ class IpEncoderSpec(Strict):
     # FaceID); joint: any projection_dim, learnt through the denoising loss plus auxiliary heads.
     objective: Literal["attributes", "joint"] = "attributes"
     label_smoothing: float = Field(0.1, ge=0, lt=1)  # keeps the logits bounded
+    # attributes: steps of encoder-only training (no UNet: fast) before the adapter starts
+    pretrain_steps: int = Field(0, ge=0)
+    pretrain_batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
 
     @model_validator(mode="after")
     def _attribute_dims(self):

@@ -56,6 +56,7 @@ def no_identity_caption(caption: str, colour: str, shape: str) -> str:
 class IpData:
     latents: object  # N x 4 x 16 x 16 (scaled)
     pixels: object  # N x 3 x S x S: the encoder's preprocessed input
+    hue_pixels: object  # the same images with their hue rotated at random (shape labels only)
     attrs: object  # N x 3: colour, shape, eyes indices (the auxiliary heads' targets)
     groups: list  # per image: indices of the other images of the same character
     caption_index: object  # N x 3: rows of embeds for (full, no identity, wrong identity)
@@ -76,6 +77,21 @@ def toy_examples(count: int, seed: int, size: int):
     return images, labels
 
 
+def hue_rotated(images, seed: int):
+    """Colour jitter (a random hue rotation per image, PIL's HSV): the shape stays, the colours move, so
+    an encoder trained on shapes of these cannot use "this colour never comes in this shape"."""
+    from PIL import Image
+
+    rng = np.random.default_rng([seed, 17])
+    out = []
+    for im in images:
+        h, s, v = im.convert("HSV").split()
+        shift = int(rng.integers(20, 236))
+        h = Image.fromarray(((np.asarray(h).astype(np.int32) + shift) % 256).astype(np.uint8), "L")
+        out.append(Image.merge("HSV", (h, s, v)).convert("RGB"))
+    return out
+
+
 def build_data(pipe, processor, images, labels, seed: int) -> IpData:
     import torch
 
@@ -85,6 +101,7 @@ def build_data(pipe, processor, images, labels, seed: int) -> IpData:
     u8 = torch.from_numpy(np.stack([np.asarray(im) for im in images])).permute(0, 3, 1, 2).contiguous()
     latents = encode_latents(pipe.vae, u8) * pipe.vae.config.scaling_factor
     pixels = processor(images, return_tensors="pt").pixel_values
+    hue_pixels = processor(hue_rotated(images, seed), return_tensors="pt").pixel_values
     attrs = torch.tensor([[colours.index(lb.colour), shapes.index(lb.shape), eyes.index(lb.eyes)] for lb in labels])
     by_char: dict[tuple, list[int]] = {}
     for i, lb in enumerate(labels):
@@ -102,7 +119,7 @@ def build_data(pipe, processor, images, labels, seed: int) -> IpData:
     with torch.no_grad():
         empty_e, _, empty_p, _ = pipe.encode_prompt([""], device="cpu", num_images_per_prompt=1,
                                                     do_classifier_free_guidance=False)
-    return IpData(latents, pixels, attrs, groups, index.view(-1, 3), embeds, pooled, empty_e[0], empty_p[0])
+    return IpData(latents, pixels, hue_pixels, attrs, groups, index.view(-1, 3), embeds, pooled, empty_e[0], empty_p[0])
 
 
 # ----------------------------------------------------------------------------- model
@@ -119,10 +136,154 @@ def build_encoder(spec: IpEncoderSpec, seed: int):
         return CLIPVisionModelWithProjection(cfg)
 
 
+def convert_toy_clip_vision(folder: Path):
+    """The toy CLIP's vision tower (open_clip ViT, toyworld/clip.py) as a `CLIPVisionModelWithProjection`
+    with identical outputs: same patch embedding, class token, positions, pre/post layer norms, blocks
+    (the packed in_proj split into q/k/v), GELU MLPs, and `proj` as the visual projection."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from toyworld.clip import load_toy_clip
+
+    model, _, _ = load_toy_clip(Path(folder))
+    v = model.visual
+    width = v.conv1.out_channels
+    blocks = v.transformer.resblocks
+    cfg = CLIPVisionConfig(hidden_size=width, intermediate_size=blocks[0].mlp.c_fc.out_features,
+                           num_hidden_layers=len(blocks), num_attention_heads=blocks[0].attn.num_heads,
+                           image_size=v.image_size[0] if isinstance(v.image_size, tuple) else v.image_size,
+                           patch_size=v.conv1.kernel_size[0], projection_dim=v.proj.shape[1], hidden_act="gelu",
+                           layer_norm_eps=blocks[0].ln_1.eps)
+    hf = CLIPVisionModelWithProjection(cfg)
+    sd = {"vision_model.embeddings.patch_embedding.weight": v.conv1.weight,
+          "vision_model.embeddings.class_embedding": v.class_embedding,
+          "vision_model.embeddings.position_embedding.weight": v.positional_embedding,
+          "vision_model.pre_layrnorm.weight": v.ln_pre.weight, "vision_model.pre_layrnorm.bias": v.ln_pre.bias,
+          "vision_model.post_layernorm.weight": v.ln_post.weight, "vision_model.post_layernorm.bias": v.ln_post.bias,
+          "visual_projection.weight": v.proj.T}
+    for i, blk in enumerate(blocks):
+        pre = f"vision_model.encoder.layers.{i}."
+        q, k_, val = blk.attn.in_proj_weight.chunk(3)
+        qb, kb, vb = blk.attn.in_proj_bias.chunk(3)
+        sd.update({pre + "self_attn.q_proj.weight": q, pre + "self_attn.q_proj.bias": qb,
+                   pre + "self_attn.k_proj.weight": k_, pre + "self_attn.k_proj.bias": kb,
+                   pre + "self_attn.v_proj.weight": val, pre + "self_attn.v_proj.bias": vb,
+                   pre + "self_attn.out_proj.weight": blk.attn.out_proj.weight,
+                   pre + "self_attn.out_proj.bias": blk.attn.out_proj.bias,
+                   pre + "layer_norm1.weight": blk.ln_1.weight, pre + "layer_norm1.bias": blk.ln_1.bias,
+                   pre + "layer_norm2.weight": blk.ln_2.weight, pre + "layer_norm2.bias": blk.ln_2.bias,
+                   pre + "mlp.fc1.weight": blk.mlp.c_fc.weight, pre + "mlp.fc1.bias": blk.mlp.c_fc.bias,
+                   pre + "mlp.fc2.weight": blk.mlp.c_proj.weight, pre + "mlp.fc2.bias": blk.mlp.c_proj.bias})
+    missing, unexpected = hf.load_state_dict({k: t.detach().clone() for k, t in sd.items()}, strict=False)
+    missing = [m for m in missing if "position_ids" not in m]
+    if missing or unexpected:
+        raise ValueError(f"toy CLIP conversion: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        x = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
+        ref, got = model.encode_image(x), hf(pixel_values=x).image_embeds
+    if not torch.allclose(ref, got, atol=1e-4):
+        raise ValueError(f"toy CLIP conversion differs from open_clip by {float((ref - got).abs().max()):.2e}")
+    return hf.eval()
+
+
 def encoder_processor_for(spec: IpEncoderSpec):
     from transformers import CLIPImageProcessor
 
     return CLIPImageProcessor(size=spec.image_size, crop_size=spec.image_size)
+
+
+def pretrain_encoder(encoder, data: IpData, spec: ToyIpAdapterSpec, log: Callable[[str], None] = print) -> dict:
+    """`attributes` encoders: colour / shape / eye-colour cross-entropy on single images, no UNet."""
+    import torch
+    import torch.nn.functional as F
+
+    from toyworld import world as tw
+
+    enc = spec.encoder
+    if enc.objective != "attributes" or not enc.pretrain_steps:
+        return {}
+    bounds = np.cumsum((0, len(tw.COLOURS), len(tw.SHAPES), len(tw.EYE_COLOURS)))
+    opt = torch.optim.AdamW(encoder.parameters(), lr=1.0, weight_decay=0.0)
+    g = torch.Generator().manual_seed(spec.seed + 5)
+    encoder.train()
+
+    def step_loss(step: int):
+        return encoder_loss(encoder, data, enc.pretrain_batch_size, enc.label_smoothing, bounds, g)
+
+    def lr_at(step: int) -> float:
+        return enc.learning_rate * min(1.0, (step + 1) / 50)
+
+    run = train_loop(step_loss, opt, lr_at, enc.pretrain_steps, clip_params=list(encoder.parameters()),
+                     name="image-encoder", log=log, log_every=100, batch_size=enc.pretrain_batch_size)
+    return {"steps": run.done, "seconds": round(run.seconds, 1),
+            "final_loss_avg100": sum(run.losses[-100:]) / max(1, len(run.losses[-100:]))}
+
+
+def train_probe(encoder, data: IpData, spec: ToyIpAdapterSpec, log: Callable[[str], None] = print) -> dict:
+    """Replace the frozen toy CLIP's `visual_projection` with colour / shape / eye-colour logits
+    (a linear probe on its pooled features, cross-entropy, `pretrain_steps` x `pretrain_batch_size`)."""
+    import torch
+    import torch.nn.functional as F
+
+    from toyworld import world as tw
+
+    enc = spec.encoder
+    sizes = (len(tw.COLOURS), len(tw.SHAPES), len(tw.EYE_COLOURS))
+    bounds = np.cumsum((0,) + sizes)
+    encoder.eval().requires_grad_(False)
+    with torch.no_grad():
+        feats = torch.cat([encoder.vision_model(pixel_values=data.pixels[i:i + 256]).pooler_output
+                           for i in range(0, len(data.pixels), 256)])
+    with seeded(spec.seed + 4):
+        probe = torch.nn.Linear(feats.shape[1], int(bounds[-1]), bias=False)
+    opt = torch.optim.AdamW(probe.parameters(), lr=1.0, weight_decay=0.0)
+    g = torch.Generator().manual_seed(spec.seed + 5)
+
+    def step_loss(step: int):
+        idx = torch.randint(0, len(feats), (enc.pretrain_batch_size,), generator=g)
+        z = probe(feats[idx])
+        return sum(F.cross_entropy(z[:, bounds[k]:bounds[k + 1]], data.attrs[idx, k], label_smoothing=enc.label_smoothing)
+                   for k in range(3)) / 3
+
+    run = train_loop(step_loss, opt, lambda step: enc.learning_rate, enc.pretrain_steps,
+                     clip_params=list(probe.parameters()), name="attribute-projection", log=log, log_every=500)
+    encoder.visual_projection = probe.requires_grad_(False)
+    encoder.config.projection_dim = int(bounds[-1])
+    return {"probe_steps": run.done, "probe_loss_avg100": sum(run.losses[-100:]) / max(1, len(run.losses[-100:]))}
+
+
+def encoder_loss(encoder, data: IpData, n: int, smoothing: float, bounds, g):
+    """Half plain images (colour, shape and eye-colour labels), half hue-rotated ones (shape only)."""
+    import torch
+    import torch.nn.functional as F
+
+    idx = torch.randint(0, len(data.pixels), (n,), generator=g)
+    half = n // 2
+    emb = encoder(torch.cat([data.pixels[idx[:half]], data.hue_pixels[idx[half:]]])).image_embeds
+
+    def ce(z, target):
+        return F.cross_entropy(z, target, label_smoothing=smoothing)
+
+    plain = sum(ce(emb[:half, bounds[k]:bounds[k + 1]], data.attrs[idx[:half], k]) for k in range(3)) / 3
+    return plain + ce(emb[half:, bounds[1]:bounds[2]], data.attrs[idx[half:], 1])
+
+
+def encoder_accuracy(encoder, processor, names, count: int, seed: int) -> dict:
+    """How often an `attributes` encoder reads colour and shape of held-out characters' images right."""
+    import torch
+
+    from renderer.ip_adapter import encode_images
+    from toyworld import world as tw
+
+    colours, shapes = list(tw.COLOURS), list(tw.SHAPES)
+    out = {}
+    with torch.no_grad():
+        for name in names:
+            c, s, _ = tw.CHARACTERS[name]
+            z = encode_images(encoder, processor, reference_images(name, count, seed), plus=False)
+            out[name] = {"colour": float(np.mean([colours[int(r[:8].argmax())] == c for r in z])),
+                         "shape": float(np.mean([shapes[int(r[8:14].argmax())] == s for r in z]))}
+    return out
 
 
 def attach_adapter(pipe, image_embed_dim: int, seed: int, state: dict | None = None):
@@ -155,7 +316,8 @@ def with_image(unet, image_embeds):
 
 
 def train_adapter(pipe, data: IpData, spec: ToyIpAdapterSpec, log: Callable[[str], None] = print,
-                  steps: int | None = None, checkpoint: Callable[[int, object], None] | None = None):
+                  steps: int | None = None, checkpoint: Callable[[int, object], None] | None = None,
+                  root: Path = Path(".")):
     """Train encoder + adapter on the frozen pipeline; returns (encoder, losses, steps_done, seconds)."""
     import torch
     import torch.nn.functional as F
@@ -164,12 +326,26 @@ def train_adapter(pipe, data: IpData, spec: ToyIpAdapterSpec, log: Callable[[str
 
     unet = pipe.unet
     unet.eval().requires_grad_(False)
-    encoder = build_encoder(spec.encoder, spec.seed)
+    if spec.encoder.source == "toy-clip":
+        encoder = convert_toy_clip_vision(resolve(root, spec.encoder.clip))
+        pre = {"source": "toy-clip", "frozen": True}
+        if spec.encoder.objective == "attributes":
+            pre.update(train_probe(encoder, data, spec, log))
+            log(f"image encoder: toy CLIP + attribute projection {pre}; held-out reads " + json.dumps(
+                encoder_accuracy(encoder, encoder_processor_for(spec.encoder), spec.eval.characters, 16,
+                                 spec.eval.seed)))
+    else:
+        encoder = build_encoder(spec.encoder, spec.seed)
+        pre = pretrain_encoder(encoder, data, spec, log)
+    if pre.get("steps"):
+        log(f"image encoder pretrained: {pre}; held-out reads "
+            + json.dumps(encoder_accuracy(encoder.eval(), encoder_processor_for(spec.encoder), spec.eval.characters,
+                                          16, spec.eval.seed)))
     encoder.train()
-    modules = attach_adapter(pipe, spec.encoder.projection_dim, spec.seed + 1)
+    modules = attach_adapter(pipe, encoder.config.projection_dim, spec.seed + 1)
     for m in modules:
         m.requires_grad_(True)
-    d = spec.encoder.projection_dim
+    d = encoder.config.projection_dim
     sizes = (len(tw.COLOURS), len(tw.SHAPES), len(tw.EYE_COLOURS))
     joint = spec.encoder.objective == "joint"
     with seeded(spec.seed + 2):  # joint: auxiliary heads (not shipped); attributes: the embedding's own slices
@@ -180,8 +356,15 @@ def train_adapter(pipe, data: IpData, spec: ToyIpAdapterSpec, log: Callable[[str
         if joint:
             return [h(emb) for h in heads]
         return [emb[:, bounds[n]:bounds[n + 1]] for n in range(3)]
-    params = list(encoder.parameters()) + [q for m in modules for q in m.parameters()] + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=1.0, weight_decay=0.0)
+    frozen = bool(pre)  # a pretrained attribute encoder stays fixed: its embeddings are computed once
+    if frozen:
+        encoder.eval().requires_grad_(False)
+        with torch.no_grad():
+            cached = torch.cat([encoder(data.pixels[i:i + 256]).image_embeds for i in range(0, len(data.pixels), 256)])
+    params = [q for m in modules for q in m.parameters()] + list(heads.parameters())
+    if not frozen:
+        params = list(encoder.parameters()) + params
+    opt = torch.optim.AdamW(params, lr=1.0, weight_decay=0.0)  # lr: train_loop sets it from lr_at
     scheduler = noise_scheduler(pipe.scheduler.config)
     g = torch.Generator().manual_seed(spec.seed + 3)
     eligible = torch.tensor([i for i, grp in enumerate(data.groups) if grp])
@@ -198,11 +381,15 @@ def train_adapter(pipe, data: IpData, spec: ToyIpAdapterSpec, log: Callable[[str
         # references: k other images of the same character per target
         refs = torch.tensor([data.groups[int(i)][int(j)] for i in idx
                              for j in torch.randint(0, len(data.groups[int(i)]), (k,), generator=g)])
-        emb = encoder(data.pixels[refs]).image_embeds  # (b*k) x d
-        aux = sum(F.cross_entropy(z, data.attrs[refs, n], label_smoothing=spec.encoder.label_smoothing)
-                  for n, z in enumerate(attribute_logits(emb))) / 3
-        # attributes: the encoder learns only from its labels (the adapter sees a detached embedding)
-        img = (emb if joint else emb.detach()).view(b, k, d).mean(dim=1)
+        if frozen:
+            img = cached[refs].view(b, k, d).mean(dim=1)
+            aux = 0.0
+        else:
+            emb = encoder(data.pixels[refs]).image_embeds  # (b*k) x d
+            aux = sum(F.cross_entropy(z, data.attrs[refs, n], label_smoothing=spec.encoder.label_smoothing)
+                      for n, z in enumerate(attribute_logits(emb))) / 3
+            # attributes: the encoder learns only from its labels (the adapter sees a detached embedding)
+            img = (emb if joint else emb.detach()).view(b, k, d).mean(dim=1)
         img = img * (torch.rand(b, generator=g) >= spec.image_dropout).to(img.dtype)[:, None]
         # captions: full / no identity / wrong identity / dropped (half zeros, half "")
         r = torch.rand(b, generator=g)
@@ -222,7 +409,7 @@ def train_adapter(pipe, data: IpData, spec: ToyIpAdapterSpec, log: Callable[[str
                      checkpoint=(lambda done: checkpoint(done, encoder)) if checkpoint else None,
                      checkpoint_every=spec.checkpoint_every, max_minutes=spec.max_minutes)
     encoder.eval()
-    return encoder, run.losses, run.done, run.seconds
+    return encoder, run.losses, run.done, run.seconds, pre
 
 
 # ----------------------------------------------------------------------------- export and eval
@@ -346,7 +533,7 @@ def _run(spec: ToyIpAdapterSpec, root: Path, log: Callable[[str], None], do_eval
         curve.append({"step": step, **{n: r["adapter"] for n, r in res.items()}})
         log(f"checkpoint {step}: held-out identity hit rate " + json.dumps(curve[-1]))
 
-    encoder, losses, done, t_train = train_adapter(pipe, data, spec, log, checkpoint=checkpoint)
+    encoder, losses, done, t_train, pre = train_adapter(pipe, data, spec, log, checkpoint=checkpoint, root=root)
     out = resolve(root, spec.output)
     export(pipe, encoder, processor, out)
     record = {
@@ -356,6 +543,7 @@ def _run(spec: ToyIpAdapterSpec, root: Path, log: Callable[[str], None], do_eval
         "images_per_second": round(done * spec.batch_size / max(t_train, 1e-9), 1),
         "final_loss_avg100": sum(losses[-100:]) / max(1, len(losses[-100:])),
         "held_out_identity_curve": curve,
+        "encoder_pretraining": pre,
         "threads": spec.threads,
         "torch": torch.__version__,
     }
