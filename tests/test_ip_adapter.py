@@ -237,3 +237,23 @@ def test_infotext_and_chunk_record_the_adapter(proj):
     chunk = castbook_metadata(jobs["main/hero/park/draft/seed-0"], {})
     assert chunk["ip_adapter"]["scale"] == 0.7 and chunk["ip_adapter"]["model"] == "builtin:tiny-ip-adapter"
     assert "ip_adapter" not in castbook_metadata(jobs["main/plain/park/draft/seed-0"], {})
+
+
+def test_identity_source_table():
+    from reports.identity import by_source, identity_source
+
+    lora = {"loras": [{"kind": "character", "weight": 1.0}]}
+    ipa = {"ip_adapter": {"scale": 0.6}}
+    assert identity_source(lora) == "LoRA only" and identity_source(ipa) == "adapter only"
+    assert identity_source({**lora, **ipa}) == "both" and identity_source({}) == "neither"
+    assert identity_source({"loras": [{"kind": "style", "weight": 1.0}], "ip_adapter": {"scale": 0.0}}) == "neither"
+
+    def rec(source, job, clip, ok):
+        return {"identity_source": source, "job": job, "selected": True, "clip_i_mean": clip, "pass": ok}
+
+    records = [rec("LoRA only", "main", 0.4, True), rec("LoRA only", "main", 0.1, False),
+               rec("adapter only", "ad", 0.3, True), rec("neither", "base", -0.2, False)]
+    table = by_source(records)
+    assert list(table) == ["LoRA only", "adapter only", "neither"]
+    assert table["LoRA only"]["pass_rate"] == 0.5 and table["adapter only"]["jobs"] == ["ad"]
+    assert by_source([r for r in records if r["identity_source"] != "adapter only"]) == {}

@@ -35,8 +35,16 @@ from typing import Callable
 
 import numpy as np
 
-from schemas.toy import IpEncoderSpec, IpEvalSpec, ToyIpAdapterSpec
+from schemas.toy import ToyIpAdapterSpec
 from toyworld.export import atomic_save_safetensors, load_pipeline, resolve, write_record
+from toyworld.ip_encoder import (
+    build_encoder,
+    convert_toy_clip_vision,
+    encoder_processor_for,
+    hue_rotated,
+    pretrain_encoder,
+    train_probe,
+)
 from toyworld.loop import deterministic, noise_scheduler, seeded, train_loop
 from toyworld.unet import caption_embeddings, unet_loss
 from toyworld.vae import encode_latents
@@ -77,21 +85,6 @@ def toy_examples(count: int, seed: int, size: int):
     return images, labels
 
 
-def hue_rotated(images, seed: int):
-    """Colour jitter (a random hue rotation per image, PIL's HSV): the shape stays, the colours move, so
-    an encoder trained on shapes of these cannot use "this colour never comes in this shape"."""
-    from PIL import Image
-
-    rng = np.random.default_rng([seed, 17])
-    out = []
-    for im in images:
-        h, s, v = im.convert("HSV").split()
-        shift = int(rng.integers(20, 236))
-        h = Image.fromarray(((np.asarray(h).astype(np.int32) + shift) % 256).astype(np.uint8), "L")
-        out.append(Image.merge("HSV", (h, s, v)).convert("RGB"))
-    return out
-
-
 def build_data(pipe, processor, images, labels, seed: int) -> IpData:
     import torch
 
@@ -123,167 +116,6 @@ def build_data(pipe, processor, images, labels, seed: int) -> IpData:
 
 
 # ----------------------------------------------------------------------------- model
-
-
-def build_encoder(spec: IpEncoderSpec, seed: int):
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    cfg = CLIPVisionConfig(hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-                           num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-                           image_size=spec.image_size, patch_size=spec.patch_size,
-                           projection_dim=spec.projection_dim)
-    with seeded(seed):
-        return CLIPVisionModelWithProjection(cfg)
-
-
-def convert_toy_clip_vision(folder: Path):
-    """The toy CLIP's vision tower (open_clip ViT, toyworld/clip.py) as a `CLIPVisionModelWithProjection`
-    with identical outputs: same patch embedding, class token, positions, pre/post layer norms, blocks
-    (the packed in_proj split into q/k/v), GELU MLPs, and `proj` as the visual projection."""
-    import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from toyworld.clip import load_toy_clip
-
-    model, _, _ = load_toy_clip(Path(folder))
-    v = model.visual
-    width = v.conv1.out_channels
-    blocks = v.transformer.resblocks
-    cfg = CLIPVisionConfig(hidden_size=width, intermediate_size=blocks[0].mlp.c_fc.out_features,
-                           num_hidden_layers=len(blocks), num_attention_heads=blocks[0].attn.num_heads,
-                           image_size=v.image_size[0] if isinstance(v.image_size, tuple) else v.image_size,
-                           patch_size=v.conv1.kernel_size[0], projection_dim=v.proj.shape[1], hidden_act="gelu",
-                           layer_norm_eps=blocks[0].ln_1.eps)
-    hf = CLIPVisionModelWithProjection(cfg)
-    sd = {"vision_model.embeddings.patch_embedding.weight": v.conv1.weight,
-          "vision_model.embeddings.class_embedding": v.class_embedding,
-          "vision_model.embeddings.position_embedding.weight": v.positional_embedding,
-          "vision_model.pre_layrnorm.weight": v.ln_pre.weight, "vision_model.pre_layrnorm.bias": v.ln_pre.bias,
-          "vision_model.post_layernorm.weight": v.ln_post.weight, "vision_model.post_layernorm.bias": v.ln_post.bias,
-          "visual_projection.weight": v.proj.T}
-    for i, blk in enumerate(blocks):
-        pre = f"vision_model.encoder.layers.{i}."
-        q, k_, val = blk.attn.in_proj_weight.chunk(3)
-        qb, kb, vb = blk.attn.in_proj_bias.chunk(3)
-        sd.update({pre + "self_attn.q_proj.weight": q, pre + "self_attn.q_proj.bias": qb,
-                   pre + "self_attn.k_proj.weight": k_, pre + "self_attn.k_proj.bias": kb,
-                   pre + "self_attn.v_proj.weight": val, pre + "self_attn.v_proj.bias": vb,
-                   pre + "self_attn.out_proj.weight": blk.attn.out_proj.weight,
-                   pre + "self_attn.out_proj.bias": blk.attn.out_proj.bias,
-                   pre + "layer_norm1.weight": blk.ln_1.weight, pre + "layer_norm1.bias": blk.ln_1.bias,
-                   pre + "layer_norm2.weight": blk.ln_2.weight, pre + "layer_norm2.bias": blk.ln_2.bias,
-                   pre + "mlp.fc1.weight": blk.mlp.c_fc.weight, pre + "mlp.fc1.bias": blk.mlp.c_fc.bias,
-                   pre + "mlp.fc2.weight": blk.mlp.c_proj.weight, pre + "mlp.fc2.bias": blk.mlp.c_proj.bias})
-    missing, unexpected = hf.load_state_dict({k: t.detach().clone() for k, t in sd.items()}, strict=False)
-    missing = [m for m in missing if "position_ids" not in m]
-    if missing or unexpected:
-        raise ValueError(f"toy CLIP conversion: missing {missing}, unexpected {unexpected}")
-    with torch.no_grad():
-        x = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
-        ref, got = model.encode_image(x), hf(pixel_values=x).image_embeds
-    if not torch.allclose(ref, got, atol=1e-4):
-        raise ValueError(f"toy CLIP conversion differs from open_clip by {float((ref - got).abs().max()):.2e}")
-    return hf.eval()
-
-
-def encoder_processor_for(spec: IpEncoderSpec):
-    from transformers import CLIPImageProcessor
-
-    return CLIPImageProcessor(size=spec.image_size, crop_size=spec.image_size)
-
-
-def pretrain_encoder(encoder, data: IpData, spec: ToyIpAdapterSpec, log: Callable[[str], None] = print) -> dict:
-    """`attributes` encoders: colour / shape / eye-colour cross-entropy on single images, no UNet."""
-    import torch
-    import torch.nn.functional as F
-
-    from toyworld import world as tw
-
-    enc = spec.encoder
-    if enc.objective != "attributes" or not enc.pretrain_steps:
-        return {}
-    bounds = np.cumsum((0, len(tw.COLOURS), len(tw.SHAPES), len(tw.EYE_COLOURS)))
-    opt = torch.optim.AdamW(encoder.parameters(), lr=1.0, weight_decay=0.0)
-    g = torch.Generator().manual_seed(spec.seed + 5)
-    encoder.train()
-
-    def step_loss(step: int):
-        return encoder_loss(encoder, data, enc.pretrain_batch_size, enc.label_smoothing, bounds, g)
-
-    def lr_at(step: int) -> float:
-        return enc.learning_rate * min(1.0, (step + 1) / 50)
-
-    run = train_loop(step_loss, opt, lr_at, enc.pretrain_steps, clip_params=list(encoder.parameters()),
-                     name="image-encoder", log=log, log_every=100, batch_size=enc.pretrain_batch_size)
-    return {"steps": run.done, "seconds": round(run.seconds, 1),
-            "final_loss_avg100": sum(run.losses[-100:]) / max(1, len(run.losses[-100:]))}
-
-
-def train_probe(encoder, data: IpData, spec: ToyIpAdapterSpec, log: Callable[[str], None] = print) -> dict:
-    """Replace the frozen toy CLIP's `visual_projection` with colour / shape / eye-colour logits
-    (a linear probe on its pooled features, cross-entropy, `pretrain_steps` x `pretrain_batch_size`)."""
-    import torch
-    import torch.nn.functional as F
-
-    from toyworld import world as tw
-
-    enc = spec.encoder
-    sizes = (len(tw.COLOURS), len(tw.SHAPES), len(tw.EYE_COLOURS))
-    bounds = np.cumsum((0,) + sizes)
-    encoder.eval().requires_grad_(False)
-    with torch.no_grad():
-        feats = torch.cat([encoder.vision_model(pixel_values=data.pixels[i:i + 256]).pooler_output
-                           for i in range(0, len(data.pixels), 256)])
-    with seeded(spec.seed + 4):
-        probe = torch.nn.Linear(feats.shape[1], int(bounds[-1]), bias=False)
-    opt = torch.optim.AdamW(probe.parameters(), lr=1.0, weight_decay=0.0)
-    g = torch.Generator().manual_seed(spec.seed + 5)
-
-    def step_loss(step: int):
-        idx = torch.randint(0, len(feats), (enc.pretrain_batch_size,), generator=g)
-        z = probe(feats[idx])
-        return sum(F.cross_entropy(z[:, bounds[k]:bounds[k + 1]], data.attrs[idx, k], label_smoothing=enc.label_smoothing)
-                   for k in range(3)) / 3
-
-    run = train_loop(step_loss, opt, lambda step: enc.learning_rate, enc.pretrain_steps,
-                     clip_params=list(probe.parameters()), name="attribute-projection", log=log, log_every=500)
-    encoder.visual_projection = probe.requires_grad_(False)
-    encoder.config.projection_dim = int(bounds[-1])
-    return {"probe_steps": run.done, "probe_loss_avg100": sum(run.losses[-100:]) / max(1, len(run.losses[-100:]))}
-
-
-def encoder_loss(encoder, data: IpData, n: int, smoothing: float, bounds, g):
-    """Half plain images (colour, shape and eye-colour labels), half hue-rotated ones (shape only)."""
-    import torch
-    import torch.nn.functional as F
-
-    idx = torch.randint(0, len(data.pixels), (n,), generator=g)
-    half = n // 2
-    emb = encoder(torch.cat([data.pixels[idx[:half]], data.hue_pixels[idx[half:]]])).image_embeds
-
-    def ce(z, target):
-        return F.cross_entropy(z, target, label_smoothing=smoothing)
-
-    plain = sum(ce(emb[:half, bounds[k]:bounds[k + 1]], data.attrs[idx[:half], k]) for k in range(3)) / 3
-    return plain + ce(emb[half:, bounds[1]:bounds[2]], data.attrs[idx[half:], 1])
-
-
-def encoder_accuracy(encoder, processor, names, count: int, seed: int) -> dict:
-    """How often an `attributes` encoder reads colour and shape of held-out characters' images right."""
-    import torch
-
-    from renderer.ip_adapter import encode_images
-    from toyworld import world as tw
-
-    colours, shapes = list(tw.COLOURS), list(tw.SHAPES)
-    out = {}
-    with torch.no_grad():
-        for name in names:
-            c, s, _ = tw.CHARACTERS[name]
-            z = encode_images(encoder, processor, reference_images(name, count, seed), plus=False)
-            out[name] = {"colour": float(np.mean([colours[int(r[:8].argmax())] == c for r in z])),
-                         "shape": float(np.mean([shapes[int(r[8:14].argmax())] == s for r in z]))}
-    return out
 
 
 def attach_adapter(pipe, image_embed_dim: int, seed: int, state: dict | None = None):
@@ -323,6 +155,7 @@ def train_adapter(pipe, data: IpData, spec: ToyIpAdapterSpec, log: Callable[[str
     import torch.nn.functional as F
 
     from toyworld import world as tw
+    from toyworld.ip_adapter_eval import encoder_accuracy
 
     unet = pipe.unet
     unet.eval().requires_grad_(False)
@@ -412,7 +245,7 @@ def train_adapter(pipe, data: IpData, spec: ToyIpAdapterSpec, log: Callable[[str
     return encoder, run.losses, run.done, run.seconds, pre
 
 
-# ----------------------------------------------------------------------------- export and eval
+# ----------------------------------------------------------------------------- export
 
 
 def export(pipe, encoder, processor, out: Path) -> None:
@@ -436,59 +269,6 @@ def export(pipe, encoder, processor, out: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def reference_images(name: str, count: int, seed: int, size: int = 64):
-    from toyworld import world as tw
-
-    only = tw.character_filter(name)
-    return [tw.generate_one(seed, i, size, only=only, prefix=name)[0] for i in range(count)]
-
-
-def character_prompt(name: str, background: str, kind: str = "full") -> str:
-    """What a spec renders for the example character (trigger word, description, scene); `no_identity`
-    leaves colour and shape to the references."""
-    from toyworld import world as tw
-
-    c, s, e = tw.CHARACTERS[name]
-    what = f"a {c} {s} character" if kind == "full" else "a character"
-    return f"{name}, {what} with {e} eyes {tw.BACKGROUND_PHRASES[background]}"
-
-
-def evaluate_adapter(pipe, encoder, processor, spec: IpEvalSpec, size: int = 64, with_baseline: bool = True) -> dict:
-    """Held-out characters from their references, with the adapter (scale `spec.scale`) and without it."""
-    import torch
-
-    from renderer.ip_adapter import encode_images, pipeline_embeds
-    from toyworld import checker as ev
-    from toyworld import world as tw
-
-    bgs = list(tw.BACKGROUNDS)
-    out: dict = {}
-    for name in spec.characters:
-        c, s, e = tw.CHARACTERS[name]
-        refs = reference_images(name, spec.references, spec.seed, size)
-        mean = encode_images(encoder, processor, refs, plus=False).mean(dim=0)
-        embeds = pipeline_embeds(mean, torch.zeros_like(mean), guidance=spec.guidance_scale > 1)
-        cases = [(character_prompt(name, bgs[i % 3], spec.prompt), bgs[i % 3], spec.seed + i) for i in range(spec.per_character)]
-        res = {}
-        for mode in (("adapter", "baseline") if with_baseline else ("adapter",)):
-            pipe.set_ip_adapter_scale(spec.scale if mode == "adapter" else 0.0)
-            items = []
-            for prompt, bg, seed in cases:
-                with torch.no_grad():
-                    img = pipe(prompt=prompt, negative_prompt="", num_inference_steps=spec.steps,
-                               guidance_scale=spec.guidance_scale, width=size, height=size,
-                               generator=torch.Generator("cpu").manual_seed(seed), ip_adapter_image_embeds=embeds).images[0]
-                items.append((img, {"colour": c, "shape": s, "background": bg}))
-            acc = ev.evaluate(items)["attributes"]
-            res[mode] = {k: acc[k]["accuracy"] for k in ("identity", "colour", "shape", "background")}
-        out[name] = res
-    pipe.set_ip_adapter_scale(1.0)
-    return out
-
-
-# ----------------------------------------------------------------------------- the whole run
 
 
 def run_ip_adapter(spec: ToyIpAdapterSpec, root: Path, log: Callable[[str], None] = print,
@@ -520,6 +300,8 @@ def _run(spec: ToyIpAdapterSpec, root: Path, log: Callable[[str], None], do_eval
     del images
     t_data = time.time() - t_start
     log(f"data: {len(data.latents)} latents, {len(data.embeds)} caption embeddings in {t_data:.0f}s")
+    from toyworld.ip_adapter_eval import evaluate_adapter
+
     curve = []
     quick = spec.eval.model_copy(update={"per_character": min(6, spec.eval.per_character)})
 
@@ -549,6 +331,7 @@ def _run(spec: ToyIpAdapterSpec, root: Path, log: Callable[[str], None], do_eval
     }
     if do_eval:
         from renderer.ip_adapter import load_image_encoder
+        from toyworld.ip_adapter_eval import evaluate_adapter
 
         t0 = time.time()
         pipe.unload_ip_adapter()
@@ -560,3 +343,5 @@ def _run(spec: ToyIpAdapterSpec, root: Path, log: Callable[[str], None], do_eval
         log("eval: " + json.dumps(record["eval"]))
     write_record(out, record)
     return record
+
+

@@ -16,7 +16,7 @@ def register(subparsers) -> None:
                     "(see docs/TOYWORLD.md).",
     )
     sub = p.add_subparsers(dest="toymodel_command",
-                           metavar="{train-base,train-decoder,export-base,train-clip,train-controlnet,train-ip-adapter,eval-base}")
+                           metavar="{train-base,train-decoder,export-base,train-clip,train-controlnet,train-ip-adapter,eval-ip-adapter,eval-base}")
     sub.required = True
     b = sub.add_parser("train-base", help="VAE then UNet from scratch; writes a diffusers folder (e.g. renderer/weights/toy/sdxl)")
     b.add_argument("spec", type=Path, help="recipe YAML, e.g. specs/toy/toy-base.yaml")
@@ -37,6 +37,9 @@ def register(subparsers) -> None:
                         help="IP-Adapter + small image encoder on the frozen base; writes renderer/weights/toy/ip-adapter, then eval")
     ip.add_argument("spec", type=Path, help="recipe YAML, e.g. specs/toy/toy-ip-adapter.yaml")
     ip.add_argument("--no-eval", action="store_true", help="skip the held-out characters' evaluation at the end")
+    ie = sub.add_parser("eval-ip-adapter", help="held-out characters with the trained IP-Adapter at several scales")
+    ie.add_argument("spec", type=Path, help="the recipe YAML the adapter was trained with")
+    ie.add_argument("--scale", type=float, action="append", help="IP-Adapter scale (repeatable; default: the recipe's)")
     e = sub.add_parser("eval-base", help="render the fixed prompt grid with a trained base model and check it")
     e.add_argument("spec", type=Path, help="the recipe YAML the model was trained with (its eval section is used)")
     e.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the spec's output)")
@@ -77,6 +80,13 @@ def run(args: argparse.Namespace) -> int:
             record = toy_ip.run_ip_adapter(recipes.load_ip_adapter_spec(args.spec), _root_for(args.spec), log=log,
                                            do_eval=not args.no_eval)
             print(json.dumps(record.get("eval", {}), indent=2))
+            return 0
+        if args.toymodel_command == "eval-ip-adapter":
+            from toyworld import ip_adapter as toy_ip
+
+            spec = recipes.load_ip_adapter_spec(args.spec)
+            results = toy_ip.eval_shipped(spec, _root_for(args.spec), args.scale or [spec.eval.scale], log=log)
+            print(json.dumps(results, indent=2))
             return 0
         from toyworld import base
 
