@@ -26,6 +26,7 @@ SHIPPED_WEIGHTS: dict[str, str] = {
     "toy-sdxl": "86c4309a572a87633f33293a9d3d2fd93ccc966ae599a9a180575037d63f6645",
     "toy-controlnet": "4d921fbf29ca6e75d422a743ac1b3498373911a8eda531f753d075fd3f5b8670",
     "toy-clip": "9ccc00390c3efaaa9d929c6e35df387d0d8d124f728008f4a2d3f34a61b666ad",
+    "toy-ip-adapter": "8356ea1f265e7fa45163d094705b21eee1a21b49117f4f636909348803c9dbfc",
 }
 
 BASE_MODELS = ("tiny-sdxl", "sdxl-random", "toy-sdxl")

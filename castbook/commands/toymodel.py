@@ -82,10 +82,10 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(record.get("eval", {}), indent=2))
             return 0
         if args.toymodel_command == "eval-ip-adapter":
-            from toyworld import ip_adapter as toy_ip
+            from toyworld import ip_adapter_eval
 
             spec = recipes.load_ip_adapter_spec(args.spec)
-            results = toy_ip.eval_shipped(spec, _root_for(args.spec), args.scale or [spec.eval.scale], log=log)
+            results = ip_adapter_eval.eval_shipped(spec, _root_for(args.spec), args.scale or [spec.eval.scale], log=log)
             print(json.dumps(results, indent=2))
             return 0
         from toyworld import base
