@@ -19,13 +19,15 @@ from pathlib import Path
 from core.errors import JobError
 from core.files import new_temp_folder, publish_folder, swap_in_folder
 from core.home import builtins_dir
-from schemas.builtins import BASE_MODELS, BUILTIN_RECIPES, CONTROLNET_MODELS
+from schemas.builtins import BASE_MODELS, BUILTIN_RECIPES, CONTROLNET_MODELS, IP_ADAPTER_MODELS
 from schemas.builtins import builtin_digest as _recipe_digest
 
 BUILTIN_SEED = 0
 TOY_SDXL_DIR = Path(__file__).resolve().parent / "weights" / "toy" / "sdxl"
 # Trained by `castbook toymodel train-controlnet specs/toy/toy-controlnet.yaml` (toyworld/controlnet.py).
 TOY_CONTROLNET_DIR = Path(__file__).resolve().parent / "weights" / "toy" / "controlnet"
+# Trained by castbook (specs/toy/toy-ip-adapter.yaml): the adapter file + image_encoder/ (renderer/ip_adapter.py).
+TOY_IP_ADAPTER_DIR = Path(__file__).resolve().parent / "weights" / "toy" / "ip-adapter"
 
 
 # --------------------------------------------------------------------------- paths
@@ -34,8 +36,8 @@ TOY_CONTROLNET_DIR = Path(__file__).resolve().parent / "weights" / "toy" / "cont
 def builtin_name(ref: str) -> str:
     """`builtin:tiny-sdxl` -> `tiny-sdxl`, refusing unknown names."""
     name = ref.split(":", 1)[1] if ref.startswith("builtin:") else ref
-    if name not in BASE_MODELS + CONTROLNET_MODELS:
-        known = ", ".join(f"builtin:{n}" for n in BASE_MODELS + CONTROLNET_MODELS)
+    if name not in BASE_MODELS + CONTROLNET_MODELS + IP_ADAPTER_MODELS:
+        known = ", ".join(f"builtin:{n}" for n in BASE_MODELS + CONTROLNET_MODELS + IP_ADAPTER_MODELS)
         raise JobError(f"unknown built-in model {ref!r}; known built-ins: {known}")
     return name
 
@@ -339,8 +341,16 @@ def builtin_dir(name: str) -> Path:
                 f"(about 15 minutes on one CPU thread), or name another ControlNet in the spec's `model:`"
             )
         return TOY_CONTROLNET_DIR
+    if name == "toy-ip-adapter":  # trained by castbook, shipped like toy-controlnet
+        if not (TOY_IP_ADAPTER_DIR / "image_encoder" / "config.json").is_file():
+            raise JobError(
+                f"builtin:toy-ip-adapter has no trained weights: {TOY_IP_ADAPTER_DIR} is missing or incomplete. "
+                f"Train it once with `castbook toymodel train-ip-adapter specs/toy/toy-ip-adapter.yaml`, or give "
+                f"an IP-Adapter file and its image_encoder folder in the character's `ip_adapter:`")
+        return TOY_IP_ADAPTER_DIR
     final = builtins_dir() / f"{name}-r{BUILTIN_RECIPES[name]}"
-    if (final / "model_index.json").exists() or (final / "config.json").exists():
+    if (final / "model_index.json").exists() or (final / "config.json").exists() or \
+            (final / "image_encoder" / "config.json").exists():
         return final
     tmp = new_temp_folder(final)
     try:
@@ -366,6 +376,10 @@ def _save_builtin(name: str, out: Path) -> None:
             builtin_dir("tiny-sdxl") / "unet", local_files_only=True, use_safetensors=True
         )
         build_tiny_controlnet(unet).save_pretrained(out, safe_serialization=True)
+    elif name == "tiny-ip-adapter":
+        from renderer.ip_adapter import save_tiny_ip_adapter
+
+        save_tiny_ip_adapter(builtin_dir("tiny-sdxl") / "unet", out)
     else:
         raise JobError(f"built-in {name!r} cannot be saved to a folder")
 
@@ -435,7 +449,7 @@ def check_cache_home(model_refs) -> None:
     from schemas.builtins import SHIPPED_WEIGHTS
 
     built = {r.removeprefix("builtin:").split("@")[0] for r in model_refs if str(r).startswith("builtin:")}
-    if "tiny-controlnet" in built:
+    if "tiny-controlnet" in built or "tiny-ip-adapter" in built:
         built.add("tiny-sdxl")  # the ControlNet is built from the saved tiny UNet
     to_save = sorted(n for n in built if n in BUILTIN_RECIPES and n not in SHIPPED_WEIGHTS and n != "sdxl-random"
                      and not (builtins_dir() / f"{n}-r{BUILTIN_RECIPES[n]}").is_dir())

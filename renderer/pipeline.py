@@ -19,6 +19,7 @@ from pathlib import Path
 from core.errors import JobError
 from renderer import test_hooks
 from renderer.control import ControlPreparer
+from renderer.ip_adapter import IpAdapterManager
 from renderer.loras import DEFAULT_MAX_LOADED, LoraManager
 from renderer.models import (
     load_base_pipeline,
@@ -63,6 +64,7 @@ class JobRenderer:
                                  hotswap=bool(self.performance.get("lora_hotswap")),
                                  target_rank=self.performance.get("max_lora_rank"))
         self.controls = ControlPreparer(self.root)
+        self.ip_adapters = IpAdapterManager(self.root)
         # Test hook (renderer/test_hooks.py): renders that raise a simulated CUDA OOM, so the fallback runs on CPU.
         self._inject_oom = test_hooks.injected_ooms() if inject_oom is None else inject_oom
         self.pipe = None
@@ -106,9 +108,14 @@ class JobRenderer:
         lora_info = self.loras.apply(pipe, job.loras, model_ref=job.base_model.ref)
         timings["lora_load_s"] = lora_info["lora_load_s"]
         timings["lora_switch_s"] = lora_info["lora_switch_s"]
+        # 3b. IP-Adapter: loaded into the UNet every pipeline variant shares (unloaded for a job
+        # without one); its image embeddings go into the pipeline kwargs, for later passes too
+        t = time.perf_counter()
+        ip_kwargs = self.ip_adapters.apply(pipe, job, dtype, guidance=job.guidance_scale > 1)
+        timings["ip_adapter_s"] = time.perf_counter() - t
         # 4. controls: maps + ControlNet pipeline variant
         t = time.perf_counter()
-        kwargs = {}
+        kwargs = dict(ip_kwargs)
         control_maps = []
         if job.controls:
             maps = []
@@ -183,6 +190,7 @@ class JobRenderer:
         self._control_pipes.clear()
         self._pass_pipes.clear()
         self.loras.reset()
+        self.ip_adapters.reset()
         self._fallback = None
         self._compiled = False
         self.stats["compiled"] = False

@@ -121,6 +121,10 @@ def format_parameters(job: RenderJob, lora_hashes: dict[str, str] | None = None)
     if job.controls:
         fields.append(("ControlNet", ", ".join(f"{c.type}: {_fmt_weight(c.scale)}" for c in job.controls)))
     fields += pass_parameters(job)
+    if job.ip_adapter is not None:  # identity from reference images (renderer/ip_adapter.py)
+        ip = job.ip_adapter
+        fields += [("IP-Adapter", Path(ip.model).stem if not ip.model.startswith("builtin:") else ip.model),
+                   ("IP-Adapter hash", short_hash(ip.digest)), ("IP-Adapter scale", _fmt_weight(ip.scale))]
     fields.append(("Version", f"castbook-{castbook_version()}"))
     params = ", ".join(f"{k}: {_quote(v)}" for k, v in fields)
     return f"{prompt}\nNegative prompt: {job.negative_prompt}\n{params}"
@@ -209,6 +213,9 @@ def castbook_metadata(job: RenderJob, environment: dict, performance: dict | Non
         "model_digest": job.base_model.digest,
         "lora_digests": {l.name: l.digest for l in job.loras},
         "control_model_digests": {c.type: c.model.digest for c in job.controls},
+        **({"ip_adapter": {"model": job.ip_adapter.model, "digest": job.ip_adapter.digest,
+                           "encoder_digest": job.ip_adapter.encoder_digest, "scale": job.ip_adapter.scale}}
+           if job.ip_adapter is not None else {}),
         "environment": environment,
     }
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from reports.identity import by_source, identity_source
 from reports.metrics import ClipScorer, DinoScorer, ceiling, clip_i, cosine
 from reports.rundir import Entry, Run
 
@@ -120,6 +121,7 @@ def _base_record(run: Run, e: Entry) -> dict:
         "image_digest": None, "image_ok": image_ok,
         "clip_i_mean": None, "clip_i_best": None, "clip_i_ratio": None, "clip_t": None, "dino_mean": None,
         "pass": None, "selected": True,
+        "identity_source": identity_source(j),
     }
 
 
@@ -188,6 +190,7 @@ def summarize_characters(records: list[dict], refs: dict[str, dict]) -> dict[str
             "error": error,
             "ungated_jobs": sorted(ungated),
             "by_job": _by_job(everything, ungated, min_rate),
+            "by_source": by_source(everything),  # LoRA only / adapter only / both (reports/identity.py)
         }
     return out
 

@@ -15,6 +15,8 @@ BUILTIN_RECIPES: dict[str, int] = {
     "toy-sdxl": 2,
     "toy-controlnet": 2,  # ControlNet trained on toy-sdxl with drawn pose maps (retrain it with the base)
     "toy-clip": 2,  # default scorer wherever the base model is builtin:toy-sdxl
+    "tiny-ip-adapter": 1,  # plain IP-Adapter for tiny-sdxl, random projection, with a tiny random image encoder
+    "toy-ip-adapter": 1,  # IP-Adapter + small image encoder trained on toy-sdxl (specs/toy/toy-ip-adapter.yaml)
 }
 
 # What each shipped (trained) built-in's recipe number stands for: `core.digests.folder_digest`
@@ -24,11 +26,13 @@ SHIPPED_WEIGHTS: dict[str, str] = {
     "toy-sdxl": "86c4309a572a87633f33293a9d3d2fd93ccc966ae599a9a180575037d63f6645",
     "toy-controlnet": "4d921fbf29ca6e75d422a743ac1b3498373911a8eda531f753d075fd3f5b8670",
     "toy-clip": "9ccc00390c3efaaa9d929c6e35df387d0d8d124f728008f4a2d3f34a61b666ad",
+    "toy-ip-adapter": "8356ea1f265e7fa45163d094705b21eee1a21b49117f4f636909348803c9dbfc",
 }
 
 BASE_MODELS = ("tiny-sdxl", "sdxl-random", "toy-sdxl")
 CONTROLNET_MODELS = ("tiny-controlnet", "toy-controlnet")
 CLIP_MODELS = ("tiny-clip", "toy-clip")
+IP_ADAPTER_MODELS = ("tiny-ip-adapter", "toy-ip-adapter")
 
 # The ControlNet and scorer a built-in base model uses unless the spec names others.
 DEFAULT_CONTROLNET = {"tiny-sdxl": "tiny-controlnet", "toy-sdxl": "toy-controlnet"}

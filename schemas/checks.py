@@ -153,6 +153,9 @@ def check_references(spec: Spec, sink: ErrorSink) -> None:
             parts = axis.split(".")
             if parts[0] == "loras" and parts[1] not in spec.loras:
                 sink.add(loc, lora_missing(parts[1]))
+            elif parts[0] == "ip_adapter" and not any(
+                    spec.characters[c].ip_adapter for c in job.characters if c in spec.characters):
+                sink.add(loc, f"no character of job `{jname}` has an `ip_adapter` to sweep")
             elif parts[0] == "controls":
                 types = {c.type for s in job.scenes if s in spec.scenes for c in spec.scenes[s].controls}
                 if parts[1] not in types:
@@ -265,6 +268,8 @@ def _sweep_value_problem(axis: str, value) -> str | None:
         return None if number and -4 <= value <= 4 else f"LoRA weight must be a number -4..4, got {value!r}"
     if axis == "controls":
         return None if number and 0 <= value <= 4 else f"control scale must be a number 0..4, got {value!r}"
+    if axis == "ip_adapter.scale":
+        return None if number and 0 <= value <= 4 else f"IP-Adapter scale must be a number 0..4, got {value!r}"
     if axis == "vars":
         return None if isinstance(value, str) or number else f"a prompt variable's value is text, got {value!r}"
     return None

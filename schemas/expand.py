@@ -14,6 +14,7 @@ from core.errors import CastbookError
 from schemas.annotators import digest_key as annotator_digest_key
 from schemas.builtins import DEFAULT_CONTROLNET, builtin_digest
 from schemas.checks import job_count_error, seed_list
+from schemas.ip_adapter import resolve_ip_adapter
 from schemas.job import RenderJob, ResolvedControl, ResolvedLora, ResolvedModel, job_key
 from schemas.passes import resolve_passes
 from schemas.presets import resolve_presets
@@ -74,7 +75,7 @@ def _sweep_suffix(combo: dict) -> str:
         if pieces[0] == "vars":  # free text: only what is safe in a file name
             parts.append(f"{pieces[1]}={var_label(value)}")
             continue
-        short = pieces[1] if pieces[0] in ("loras", "controls") else SWEEP_SHORT[axis]
+        short = pieces[1] if pieces[0] in ("loras", "controls") else SWEEP_SHORT.get(axis, "ip")
         parts.append(f"{short}={_format_value(value)}")
     return ("-" + "-".join(parts)) if parts else ""
 
@@ -166,6 +167,7 @@ def _scene_jobs(spec: Spec, digests: dict[str, str], presets: dict, base_model, 
             if use.weight is not None or use.name not in stack:
                 stack[use.name] = use.weight
     controls = list(scene.controls) if job.use_controls else []
+    ip_use = character.ip_adapter if (character and job.use_ip_adapter and scene.use_ip_adapter) else None
 
     for pname in job.presets or [scene.preset or spec.defaults.preset]:
         settings = dict(presets[pname])
@@ -191,6 +193,8 @@ def _scene_jobs(spec: Spec, digests: dict[str, str], presets: dict, base_model, 
                     weights[parts[1]] = value
                 elif parts[0] == "controls":
                     control_scales[parts[1]] = value
+                elif parts[0] == "ip_adapter":
+                    values["ip_adapter_scale"] = value
                 else:
                     values[axis] = value
             loras = tuple(
@@ -232,6 +236,7 @@ def _scene_jobs(spec: Spec, digests: dict[str, str], presets: dict, base_model, 
                             sweep={**combo, **var_axes},
                             best_of_group=(stem + suffix) if job.best_of > 1 else None,
                             candidate=candidate, passes=passes,
+                            ip_adapter=resolve_ip_adapter(ip_use, character, values.get("ip_adapter_scale"), digests),
                         )
                         jobs.append(draft.model_copy(update={"key": job_key(draft)}))
     return jobs

@@ -62,6 +62,18 @@ class ResolvedControl(Strict):
     annotator_digest: str | None = None
 
 
+class ResolvedIpAdapter(Strict):
+    """A character's IP-Adapter as the renderer loads it (renderer/ip_adapter.py)."""
+
+    model: str  # builtin:NAME or the .safetensors path, relative to the project root
+    digest: str  # file sha256, or builtin:NAME@RECIPE
+    image_encoder: str  # the encoder folder (for built-ins: the built-in's ref)
+    encoder_digest: str
+    images: tuple[str, ...]  # reference images (embeddings averaged), relative to the project root
+    image_digests: tuple[str, ...]
+    scale: float
+
+
 class RenderJob(Strict):
     key: str  # sha256 hex of the canonical JSON of everything that changes pixels
     name: str  # readable output name: job/character/scene/preset/seed-N[-sweep]
@@ -86,6 +98,7 @@ class RenderJob(Strict):
     best_of_group: str | None = None  # jobs sharing a group are candidates; scoring keeps one
     candidate: int = 0
     passes: ResolvedPasses | None = None  # finishing passes (schemas/passes.py); None: text-to-image only
+    ip_adapter: ResolvedIpAdapter | None = None  # identity from reference images
 
     def pixel_fields(self) -> dict:
         """Everything that changes pixels: the input of the job key."""
@@ -125,6 +138,10 @@ class RenderJob(Strict):
             ],
             # Finishing passes, only when set, so that keys of jobs without them never change.
             **pass_pixel_fields(self.passes),
+            # Only when set, so that keys of specs without an IP-Adapter never change.
+            **({"ip_adapter": {"model": self.ip_adapter.digest, "encoder": self.ip_adapter.encoder_digest,
+                               "images": list(self.ip_adapter.image_digests), "scale": self.ip_adapter.scale}}
+               if self.ip_adapter is not None else {}),
         }
 
 

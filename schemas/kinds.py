@@ -18,6 +18,9 @@ from pydantic import BaseModel
 SPEC_KINDS: tuple[tuple[str, Callable[[set[str]], bool], str], ...] = (
     ("training spec", lambda keys: "dataset" in keys and "jobs" not in keys, "schemas.training:TrainingSpec"),
     ("toy base-model recipe", lambda keys: {"vae", "unet"} <= keys, "schemas.toy:ToyBaseSpec"),
+    # `encoder` (the image encoder trained alongside) is the IP-Adapter recipe's own key.
+    ("toy IP-Adapter recipe", lambda keys: "encoder" in keys and not keys & {"jobs", "dataset", "train"},
+     "schemas.toy:ToyIpAdapterSpec"),
     # `base` (the frozen base model) and top-level `steps` are the ControlNet recipe's own keys.
     ("toy ControlNet recipe", lambda keys: bool(keys & {"base", "steps"}) and not keys & {"jobs", "dataset", "train"},
      "schemas.toy:ToyControlNetSpec"),

@@ -65,6 +65,7 @@ def compute_digests(spec: Spec, root: Path) -> dict[str, str]:
             digest = annotators.weights_digest(detector, root / folder)
             if digest is not None:
                 digests[key] = digest
+    digests.update(ip_adapter_digests(spec, root))
     return digests
 
 
@@ -77,6 +78,26 @@ def check_annotators(loaded) -> None:
             shown = folder if folder is not None else None
             sink.add(loc, annotators.missing_message(detector, shown, f"detector {detector}"))
     sink.raise_if_any()
+
+
+def ip_adapter_digests(spec: Spec, root: Path) -> dict[str, str]:
+    """The characters' IP-Adapter files and image globs: each glob's matches (one per line, under
+    `glob:PATTERN`, so `expand` stays pure) and each matched file's digest."""
+    from schemas.ip_adapter import GLOB_PREFIX, ip_adapter_files
+
+    out: dict[str, str] = {}
+    for character in spec.characters.values():
+        if character.ip_adapter is None:
+            continue
+        files, globs = ip_adapter_files(character.ip_adapter, character)
+        for pattern in globs:
+            matches = [p.relative_to(root).as_posix() for p in glob_matches(str(root / pattern))]
+            out[GLOB_PREFIX + pattern] = "\n".join(matches)
+            files += matches
+        for rel in files:
+            if rel not in out:
+                out[rel] = path_digest(root / rel)
+    return out
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_v
 from schemas.annotators import loadable_detector
 from schemas.base import Strict
 from schemas.builtins import BASE_MODELS, CLIP_MODELS, CONTROLNET_MODELS
+from schemas.ip_adapter import IpAdapter
 from schemas.job import ControlType, Dtype, SchedulerName
 from schemas.passes import JobPassFields, PresetPassFields, ScenePassFields
 
@@ -238,6 +239,13 @@ class Character(Strict):
     threshold: float = Field(default=0.65, ge=-1, le=1, description="CLIP-I gate for one image.")
     min_pass_rate: float = Field(default=0.8, ge=0, le=1, description="Fraction of images that must pass the gate.")
     vars: dict[VarName, VarValues] = Field(default={}, description=VARS_DESCRIPTION)
+    ip_adapter: IpAdapter | None = Field(default=None, description="Identity from reference images (IP-Adapter).")
+
+    @model_validator(mode="after")
+    def _ip_adapter_has_images(self) -> "Character":
+        if self.ip_adapter is not None and not (self.ip_adapter.images or self.references):
+            raise ValueError("`ip_adapter` needs images: set `ip_adapter.images` or the character's `references`")
+        return self
 
 
 # --- controls (tagged union on `type`) ------------------------------------------------
@@ -298,6 +306,7 @@ class Scene(ScenePassFields):  # + init_image, strength, background_plate, mask 
     width: int | None = Field(default=None, ge=16, le=4096, multiple_of=8)
     height: int | None = Field(default=None, ge=16, le=4096, multiple_of=8)
     vars: dict[VarName, VarValues] = Field(default={}, description=VARS_DESCRIPTION)
+    use_ip_adapter: bool = Field(default=True, description="false: the characters' IP-Adapters are off in this scene.")
 
 
 class SeedRange(Strict):
@@ -307,7 +316,7 @@ class SeedRange(Strict):
 
 SweepValue = Union[float, int, str]
 SWEEP_FIXED_AXES = ("guidance_scale", "num_inference_steps", "scheduler", "width", "height")
-SWEEP_AXIS_PATTERN = re.compile(r"^(guidance_scale|num_inference_steps|scheduler|width|height|loras\.([A-Za-z0-9_][A-Za-z0-9_.-]*)\.weight|controls\.(pose|depth|canny|seg|normal)\.scale|vars\.[A-Za-z_][A-Za-z0-9_]*)$")
+SWEEP_AXIS_PATTERN = re.compile(r"^(guidance_scale|num_inference_steps|scheduler|width|height|loras\.([A-Za-z0-9_][A-Za-z0-9_.-]*)\.weight|controls\.(pose|depth|canny|seg|normal)\.scale|vars\.[A-Za-z_][A-Za-z0-9_]*|ip_adapter\.scale)$")
 
 
 class JobMatrix(JobPassFields):  # + hires, refiner, detail, init_image, strength (schemas/passes.py)
@@ -321,6 +330,7 @@ class JobMatrix(JobPassFields):  # + hires, refiner, detail, init_image, strengt
     best_of: int = Field(default=1, ge=1, le=64, description="Render N candidates; scoring keeps the best by CLIP-I.")
     use_loras: bool = Field(default=True, description="false: no LoRA at all (baseline look of the base model).")
     use_controls: bool = True
+    use_ip_adapter: bool = Field(default=True, description="false: no IP-Adapter (baseline without the references).")
     use_recommended: bool = Field(
         default=False,
         description="Adopt the `recommended` scheduler, steps and guidance of the stack's LoRAs (after the preset, "
@@ -341,7 +351,7 @@ class JobMatrix(JobPassFields):  # + hires, refiner, detail, init_image, strengt
     sweep: dict[str, list[SweepValue]] = Field(
         default={},
         description="Axis → values, crossed with the rest. Axes: guidance_scale, num_inference_steps, scheduler, "
-        "width, height, loras.NAME.weight, controls.TYPE.scale, vars.NAME.",
+        "width, height, loras.NAME.weight, controls.TYPE.scale, vars.NAME, ip_adapter.scale.",
     )
 
     @field_validator("sweep")
@@ -351,7 +361,7 @@ class JobMatrix(JobPassFields):  # + hires, refiner, detail, init_image, strengt
             if not SWEEP_AXIS_PATTERN.match(axis):
                 raise ValueError(
                     f"unknown sweep axis `{axis}`; use one of {', '.join(SWEEP_FIXED_AXES)}, "
-                    "loras.NAME.weight, controls.TYPE.scale or vars.NAME"
+                    "loras.NAME.weight, controls.TYPE.scale, vars.NAME or ip_adapter.scale"
                 )
             if not values:
                 raise ValueError(f"sweep axis `{axis}` has no values")

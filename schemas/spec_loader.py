@@ -239,6 +239,15 @@ def _path_fields(data: dict) -> Iterator[tuple[Loc, str]]:
             for i, ref in enumerate(refs):
                 if isinstance(ref, str):
                     yield ("characters", name, "references", i), "glob"
+        ip = get(char, "ip_adapter")
+        if isinstance(get(ip, "model"), str) and not ip["model"].startswith("builtin:"):
+            yield ("characters", name, "ip_adapter", "model"), "file"
+        if isinstance(get(ip, "image_encoder"), str):
+            yield ("characters", name, "ip_adapter", "image_encoder"), "dir"
+        if isinstance(get(ip, "images"), list):
+            for i, ref in enumerate(ip["images"]):
+                if isinstance(ref, str):
+                    yield ("characters", name, "ip_adapter", "images", i), "glob"
     for name, scene in (get(data, "scenes") or {}).items() if isinstance(get(data, "scenes"), dict) else ():
         controls = get(scene, "controls")
         if isinstance(controls, list):

@@ -161,6 +161,92 @@ class ToyClipSpec(Strict):
     output: str = "renderer/weights/toy/clip"
 
 
+# ----------------------------------------------------------------------------- the IP-Adapter (toy-ip-adapter)
+
+
+class IpEncoderSpec(Strict):
+    """The image encoder: a small `CLIPVisionModelWithProjection` trained alongside the adapter."""
+
+    # toy-clip: the vision tower of builtin:toy-clip (renderer/weights/toy/clip) converted, frozen;
+    # trained: a new one from random init (see objective)
+    source: Literal["toy-clip", "trained"] = "toy-clip"
+    clip: str = "renderer/weights/toy/clip"  # source toy-clip: the open_clip folder
+    image_size: int = Field(64, ge=16)
+    patch_size: int = Field(8, ge=1)
+    hidden_size: int = Field(64, ge=8)
+    intermediate_size: int = Field(128, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    projection_dim: int = Field(18, ge=4)  # image_embeds size = the adapter's clip_embeddings_dim
+    # attributes: image_embeds are colour / shape / eye-colour logits (8 + 6 + 4 = 18), learnt by
+    # cross-entropy only (an identity encoder, like the face-recognition embedding of IP-Adapter
+    # FaceID); joint: any projection_dim, learnt through the denoising loss plus auxiliary heads.
+    objective: Literal["attributes", "joint"] = "attributes"
+    label_smoothing: float = Field(0.1, ge=0, lt=1)  # keeps the logits bounded
+    # attributes: steps of encoder-only training (no UNet: fast) before the adapter starts
+    pretrain_steps: int = Field(0, ge=0)
+    pretrain_batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _attribute_dims(self):
+        if self.objective == "attributes" and self.projection_dim != 18:
+            raise ValueError("encoder.objective attributes needs projection_dim: 18 (8 colours + 6 shapes + 4 eye colours)")
+        return self
+
+
+class IpCaptionMix(Strict):
+    """Shares of the training captions (the rest: caption dropout, zeros or the encoded "")."""
+
+    full: float = Field(0.4, ge=0, le=1)  # the target's caption
+    no_identity: float = Field(0.3, ge=0, le=1)  # colour and shape left out: the adapter must supply them
+    wrong_identity: float = Field(0.2, ge=0, le=1)  # another colour/shape named: the reference must win
+
+    @model_validator(mode="after")
+    def _sum(self):
+        if self.full + self.no_identity + self.wrong_identity > 1:
+            raise ValueError("captions: full + no_identity + wrong_identity must be at most 1 (the rest is dropout)")
+        return self
+
+
+class IpEvalSpec(Strict):
+    characters: list[str] = ["luca", "alberto", "giulia"]  # held-out characters (toyworld.world.CHARACTERS)
+    per_character: int = Field(12, ge=1)  # renders per character (backgrounds cycle)
+    references: int = Field(4, ge=1)  # reference images per character (generator seed `seed`)
+    steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(5.0, ge=0)
+    scale: float = Field(1.0, ge=0)  # set_ip_adapter_scale
+    seed: int = 3000
+    # full: "luca, a brown heart character with green eyes on the beach" (what a spec with the character's
+    # description renders); no_identity: "luca, a character with green eyes on the beach"
+    prompt: Literal["full", "no_identity"] = "full"
+
+
+class ToyIpAdapterSpec(Strict):
+    """An IP-Adapter training run on the frozen toy base model."""
+
+    seed: int = 0
+    threads: int = Field(1, ge=1)  # fixed: the thread count changes float results
+    data: ControlDataSpec = ControlDataSpec()  # toy images generated in memory (hold-outs excluded)
+    encoder: IpEncoderSpec = IpEncoderSpec()
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)  # constant after warmup
+    warmup_steps: int = Field(50, ge=0)
+    noise_offset: float = Field(0.1, ge=0)
+    snr_gamma: float | None = Field(5.0, gt=0)
+    references_per_sample: int = Field(2, ge=1)  # other images of the same character, embeddings averaged
+    captions: IpCaptionMix = IpCaptionMix()
+    image_dropout: float = Field(0.1, ge=0, le=1)  # zero image embeds (the pipeline's negative)
+    attribute_loss: float = Field(1.0, ge=0)  # weight of the encoder's colour/shape/eyes cross-entropy
+    eval: IpEvalSpec = IpEvalSpec()
+    checkpoint_every: int = Field(250, ge=1)
+    max_minutes: float | None = Field(None, gt=0)
+    work_dir: str = "/tmp/castbook-toy-ip-adapter"
+    output: str = "renderer/weights/toy/ip-adapter"  # adapter .safetensors + image_encoder/, relative to the root
+    base: str = "renderer/weights/toy/sdxl"
+
+
 # ----------------------------------------------------------------------------- loaders
 
 
@@ -174,3 +260,7 @@ def load_controlnet_spec(path: Path) -> ToyControlNetSpec:
 
 def load_clip_spec(path: Path) -> ToyClipSpec:
     return load_yaml_model(Path(path), ToyClipSpec)  # type: ignore[return-value]
+
+
+def load_ip_adapter_spec(path: Path) -> ToyIpAdapterSpec:
+    return load_yaml_model(Path(path), ToyIpAdapterSpec)  # type: ignore[return-value]

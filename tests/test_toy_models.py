@@ -447,7 +447,8 @@ def test_shipped_weights_match_their_recipe_number():
     from core.digests import folder_digest
     from schemas.builtins import BUILTIN_RECIPES, SHIPPED_WEIGHTS
 
-    folders = {"toy-sdxl": TOY / "sdxl", "toy-clip": TOY / "clip", "toy-controlnet": TOY / "controlnet"}
+    folders = {"toy-sdxl": TOY / "sdxl", "toy-clip": TOY / "clip", "toy-controlnet": TOY / "controlnet",
+               "toy-ip-adapter": TOY / "ip-adapter"}
     assert set(SHIPPED_WEIGHTS) <= set(folders)
     for name, expected in SHIPPED_WEIGHTS.items():
         assert folder_digest(folders[name]) == expected, (

@@ -1,4 +1,4 @@
-"""`castbook toymodel train-base|train-clip|train-controlnet|eval-base SPEC`: train the toy-world built-ins."""
+"""`castbook toymodel train-base|train-clip|train-controlnet|train-ip-adapter|eval-base SPEC`: train the toy-world built-ins."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "toymodel",
-        help="train the toy-world base model (VAE + UNet), its ControlNet or toy CLIP on a CPU",
-        description="Train builtin:toy-sdxl / builtin:toy-controlnet / builtin:toy-clip from a recipe in specs/toy/ "
+        help="train the toy-world base model (VAE + UNet), its ControlNet, IP-Adapter or toy CLIP on a CPU",
+        description="Train builtin:toy-sdxl / builtin:toy-controlnet / builtin:toy-ip-adapter / builtin:toy-clip from a recipe in specs/toy/ "
                     "(see docs/TOYWORLD.md).",
     )
     sub = p.add_subparsers(dest="toymodel_command",
-                           metavar="{train-base,train-decoder,export-base,train-clip,train-controlnet,eval-base}")
+                           metavar="{train-base,train-decoder,export-base,train-clip,train-controlnet,train-ip-adapter,eval-ip-adapter,eval-base}")
     sub.required = True
     b = sub.add_parser("train-base", help="VAE then UNet from scratch; writes a diffusers folder (e.g. renderer/weights/toy/sdxl)")
     b.add_argument("spec", type=Path, help="recipe YAML, e.g. specs/toy/toy-base.yaml")
@@ -33,6 +33,13 @@ def register(subparsers) -> None:
                        help="ControlNet on drawn pose maps (canny); writes renderer/weights/toy/controlnet, then eval")
     n.add_argument("spec", type=Path, help="recipe YAML, e.g. specs/toy/toy-controlnet.yaml")
     n.add_argument("--no-eval", action="store_true", help="skip the with/without-control pose evaluation at the end")
+    ip = sub.add_parser("train-ip-adapter",
+                        help="IP-Adapter + small image encoder on the frozen base; writes renderer/weights/toy/ip-adapter, then eval")
+    ip.add_argument("spec", type=Path, help="recipe YAML, e.g. specs/toy/toy-ip-adapter.yaml")
+    ip.add_argument("--no-eval", action="store_true", help="skip the held-out characters' evaluation at the end")
+    ie = sub.add_parser("eval-ip-adapter", help="held-out characters with the trained IP-Adapter at several scales")
+    ie.add_argument("spec", type=Path, help="the recipe YAML the adapter was trained with")
+    ie.add_argument("--scale", type=float, action="append", help="IP-Adapter scale (repeatable; default: the recipe's)")
     e = sub.add_parser("eval-base", help="render the fixed prompt grid with a trained base model and check it")
     e.add_argument("spec", type=Path, help="the recipe YAML the model was trained with (its eval section is used)")
     e.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the spec's output)")
@@ -66,6 +73,20 @@ def run(args: argparse.Namespace) -> int:
             record = toy_controlnet.run_controlnet(recipes.load_controlnet_spec(args.spec), _root_for(args.spec),
                                                    log=log, do_eval=not args.no_eval)
             print(json.dumps(record.get("eval", {}), indent=2))
+            return 0
+        if args.toymodel_command == "train-ip-adapter":
+            from toyworld import ip_adapter as toy_ip
+
+            record = toy_ip.run_ip_adapter(recipes.load_ip_adapter_spec(args.spec), _root_for(args.spec), log=log,
+                                           do_eval=not args.no_eval)
+            print(json.dumps(record.get("eval", {}), indent=2))
+            return 0
+        if args.toymodel_command == "eval-ip-adapter":
+            from toyworld import ip_adapter_eval
+
+            spec = recipes.load_ip_adapter_spec(args.spec)
+            results = ip_adapter_eval.eval_shipped(spec, _root_for(args.spec), args.scale or [spec.eval.scale], log=log)
+            print(json.dumps(results, indent=2))
             return 0
         from toyworld import base
 
