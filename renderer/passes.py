@@ -122,6 +122,12 @@ def _refiner_pipe(renderer, refiner, dtype: str):
     if key not in renderer._pass_pipes:
         model = ResolvedModel(ref=refiner.model_ref, kind=refiner.model_kind, digest=refiner.model_digest)
         loaded = load_base_pipeline(model, renderer.root, renderer.device, dtype)
+        base_vae, ref_vae = renderer.pipe.vae.config, loaded.vae.config
+        if (len(base_vae.block_out_channels), base_vae.latent_channels) != (len(ref_vae.block_out_channels),
+                                                                          ref_vae.latent_channels):
+            raise JobError(f"refiner {refiner.model_ref} has another latent space than the base model (its VAE "
+                           "downsamples or encodes differently), so it cannot continue the base's latents; "
+                           "use a refiner made for this base model")
         aesthetics = bool(getattr(loaded.config, "requires_aesthetics_score", False))
         pipe = StableDiffusionXLImg2ImgPipeline(**loaded.components, requires_aesthetics_score=aesthetics)
         pipe.set_progress_bar_config(disable=True)
