@@ -187,7 +187,8 @@ def load_refiner_pipeline(model, root: Path, device: str, dtype_label: str, to_d
 
             path = Path(root) / model.ref
             check_safetensors_file(path, "refiner")
-            pipe = load_single_file(path, Path(root) / model.config if model.config else None, td, want="sdxl-refiner")
+            # Any SDXL checkpoint may refine (A1111 allows a base fine-tune as refiner too).
+            pipe = load_single_file(path, Path(root) / model.config if model.config else None, td, want=None)
         elif model.kind == "diffusers":
             path = Path(root) / model.ref
             check_diffusers_folder(path, "refiner")

@@ -108,12 +108,13 @@ def pass_pipe(renderer, kind: str, dtype: str):
 
 def _refiner_pipe(renderer, refiner, dtype: str):
     """The refiner's img2img pipeline: the base's own components when the refiner is the base model
-    (no second copy); otherwise the refiner model, loaded once through `load_base_pipeline`.
-    NOTE: a single-file refiner checkpoint is loaded by that same loader for now; the single-file
-    loader of issue #12 replaces it at the merge."""
+    (no second copy); otherwise the refiner model, loaded once: a built-in through
+    `load_base_pipeline`, a single-file checkpoint or diffusers folder through
+    `load_refiner_pipeline` (a single file's kind and config come from its header, so an
+    `sd_xl_refiner_1.0.safetensors` loads like a base model does)."""
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
-    from renderer.models import load_base_pipeline
+    from renderer.models import load_base_pipeline, load_refiner_pipeline
     from schemas.job import ResolvedModel
 
     if refiner.model_digest == renderer._pipe_key[0]:
@@ -121,7 +122,10 @@ def _refiner_pipe(renderer, refiner, dtype: str):
     key = ("refiner", refiner.model_digest, dtype)
     if key not in renderer._pass_pipes:
         model = ResolvedModel(ref=refiner.model_ref, kind=refiner.model_kind, digest=refiner.model_digest)
-        loaded = load_base_pipeline(model, renderer.root, renderer.device, dtype)
+        if model.kind == "builtin":
+            loaded = load_base_pipeline(model, renderer.root, renderer.device, dtype)
+        else:
+            loaded = load_refiner_pipeline(model, renderer.root, renderer.device, dtype)
         base_vae, ref_vae = renderer.pipe.vae.config, loaded.vae.config
         if (len(base_vae.block_out_channels), base_vae.latent_channels) != (len(ref_vae.block_out_channels),
                                                                           ref_vae.latent_channels):

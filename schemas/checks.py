@@ -18,12 +18,9 @@ from schemas.spec import (
     JobMatrix,
     SeedRange,
     Spec,
-    merged_vars,
-    var_label,
-    var_label_clash,
-    var_values,
 )
 from schemas.templates import TEMPLATE_VARIABLES, PromptTemplateError, prompt_variables, render_prompt
+from schemas.vars import merged_vars, var_label, var_label_clash, var_values
 
 SCHEDULERS = get_args(SchedulerName)
 

@@ -18,8 +18,9 @@ from schemas.ip_adapter import resolve_ip_adapter
 from schemas.job import RenderJob, ResolvedControl, ResolvedLora, ResolvedModel, job_key
 from schemas.passes import resolve_passes
 from schemas.presets import resolve_presets
-from schemas.spec import BuiltinModel, DiffusersFolder, SingleFile, Spec, merged_vars, var_label
+from schemas.spec import BuiltinModel, DiffusersFolder, SingleFile, Spec
 from schemas.templates import prompt_variables, render_prompt
+from schemas.vars import merged_vars, var_label
 
 NO_CHARACTER = "nocharacter"
 SWEEP_SHORT = {"guidance_scale": "cfg", "num_inference_steps": "steps", "scheduler": "sched", "width": "w", "height": "h"}

@@ -87,6 +87,19 @@ def test_a_spec_using_the_file_renders_the_same_pixels_as_the_builtin(toy_file):
     b = np.asarray(renderer.render(single).image)
     assert a.shape == (64, 64, 3) and a.std() > 1
     assert np.array_equal(a, b)
+    # The same file as a refiner (issue 14's hand-off; a base fine-tune may refine, as in A1111) is
+    # loaded through the single-file loader and finishes exactly as the built-in refining itself.
+    from schemas.passes import ResolvedPasses, ResolvedRefiner
+
+    def refined(ref, kind, digest):
+        refiner = ResolvedRefiner(model_ref=ref, model_kind=kind, model_digest=digest, switch_at=0.7)
+        return np.asarray(renderer.render(builtin.model_copy(update={"passes": ResolvedPasses(refiner=refiner)})).image)
+
+    by_itself = refined("builtin:toy-sdxl", "builtin", builtin.base_model.digest)
+    loads = renderer.stats["model_loads"]
+    by_file = refined(toy_file.name, "single_file", sha256(toy_file))
+    assert renderer.stats["model_loads"] == loads + 1  # the file was loaded as a second model
+    assert np.array_equal(by_itself, by_file)
 
 
 def test_plain_diffusers_reads_the_file_with_the_toy_config(toy_file):
