@@ -86,6 +86,8 @@ def main() -> int:
     renderer = JobRenderer(root)
     variants = {
         "plain 64": None,
+        "hires lanczos 0.1": ResolvedPasses(hires=ResolvedHires(scale=2, upscaler="lanczos", strength=0.1, steps=20, width=128, height=128)),
+        "hires lanczos 0.15": ResolvedPasses(hires=ResolvedHires(scale=2, upscaler="lanczos", strength=0.15, steps=20, width=128, height=128)),
         "hires lanczos 0.25": ResolvedPasses(hires=ResolvedHires(scale=2, upscaler="lanczos", strength=0.25, steps=15, width=128, height=128)),
         "hires lanczos 0.35": ResolvedPasses(hires=ResolvedHires(scale=2, upscaler="lanczos", strength=0.35, steps=15, width=128, height=128)),
         "hires latent 0.55": ResolvedPasses(hires=ResolvedHires(scale=2, upscaler="latent", strength=0.55, steps=30, width=128, height=128)),

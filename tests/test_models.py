@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from core.errors import JobError
-from renderer import builtins, models
+from renderer import builtins, model_export, models
 from schemas.job import ResolvedModel
 
 
@@ -141,7 +141,7 @@ def test_export_cli_writes_a_folder_plain_diffusers_loads(tmp_path, capsys):
     # exporting into a non-empty folder is refused, not merged
     assert args.func(args) == 2
     assert "not empty" in capsys.readouterr().err
-    builtins.export_builtin("builtin:tiny-controlnet", tmp_path / "cn")
+    model_export.export_builtin("builtin:tiny-controlnet", tmp_path / "cn")
     assert tuple(ControlNetModel.from_pretrained(tmp_path / "cn").config.conditioning_embedding_out_channels) == (16, 32)
     args = parser.parse_args(["models", "list"])
     assert args.func(args) == 0

@@ -10,7 +10,7 @@ import torch
 from _render_helpers import job
 
 from core.errors import JobError
-from renderer import builtins
+from renderer import model_export
 from renderer.pipeline import JobRenderer
 from schemas.job import ResolvedModel
 
@@ -18,7 +18,7 @@ from schemas.job import ResolvedModel
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("piperoot")
-    builtins.export_builtin("builtin:tiny-sdxl", root / "tiny")
+    model_export.export_builtin("builtin:tiny-sdxl", root / "tiny")
     return root
 
 

@@ -17,7 +17,8 @@ from castbook.cli import main
 from core.errors import JobError
 from core.safetensors_info import inspect_file
 from renderer import models, single_file
-from renderer.builtins import TOY_SDXL_DIR, build_sdxl_random_pipeline, export_builtin_single_file
+from renderer.builtins import TOY_SDXL_DIR, build_sdxl_random_pipeline
+from renderer.model_export import export_builtin_single_file
 from schemas.builtins import builtin_digest
 from schemas.job import ResolvedModel
 

@@ -80,7 +80,7 @@ def _list() -> int:
 
 
 def _export(args) -> int:
-    from renderer.builtins import export_builtin, export_builtin_single_file
+    from renderer.model_export import export_builtin, export_builtin_single_file
 
     if args.name.endswith("sdxl-random"):
         print("castbook models export: builtin:sdxl-random is built in memory and is not exported "
