@@ -45,8 +45,11 @@ PROMPTS = [  # (prompt, colour, shape, background)
 # characters, as SD 1.5 does far above its training size. Over 24 prompts (benchmarks/passes.py)
 # shape accuracy drops 92 % -> 79 % at 0.25; these three prompts hold, so a regression that breaks
 # colour, shape or background outright still fails here.
-HIRES = ResolvedHires(scale=2.0, upscaler="lanczos", strength=0.25, steps=15, width=128, height=128)
-DETAIL = ResolvedDetail(target="character", detector="toy", padding=8, strength=0.4, steps=15, prompt=None)
+# Strength 0.1: the strongest setting at which the toy model (trained at 64 px only) keeps every
+# reading at 128 px on the 24-prompt benchmark (benchmarks/passes.py; 0.15 already loses shapes).
+HIRES = ResolvedHires(scale=2.0, upscaler="lanczos", strength=0.1, steps=20, width=128, height=128)
+# Strength 0.3: on the 24-prompt benchmark it keeps colour, shape and background (0.4 lost one shape).
+DETAIL = ResolvedDetail(target="character", detector="toy", padding=8, strength=0.3, steps=15, prompt=None)
 
 
 def toy_job(prompt: str, seed: int = 3, **kw):
@@ -112,6 +115,8 @@ def test_hires_doubles_the_size_and_reads_at_least_as_well(renderer, first_passe
     hires = second_pass(renderer, "hires", ResolvedPasses(hires=HIRES), first_passes)
     assert all(im.size == (128, 128) for im in hires)
     assert score(hires) >= score(first_passes) >= 7  # of 9
+    upscaled = [np.array(im.resize((128, 128), Image.Resampling.LANCZOS), dtype=int) for im in first_passes]
+    assert all(np.abs(np.array(h) - u).max() > 0 for h, u in zip(hires, upscaled))  # the pass did repaint
     # strength 0: exactly the Lanczos upscale of the first pass
     zero = renderer.render(toy_job(PROMPTS[0][0], passes=ResolvedPasses(hires=HIRES.model_copy(update={"strength": 0.0}))))
     assert np.array_equal(np.array(zero.image), np.array(first_passes[0].resize((128, 128), Image.Resampling.LANCZOS)))
@@ -211,9 +216,9 @@ def test_detail_pass_keeps_the_character(renderer, first_passes):
     changed = [np.abs(np.array(a, dtype=int) - np.array(b)).max() for a, b in zip(detailed, first_passes)]
     assert min(changed) > 0  # the pass did repaint
     fields = parse_parameters(format_parameters(toy_job("x", passes=ResolvedPasses(detail=DETAIL, hires=HIRES))))
-    assert (fields["ADetailer model"], fields["ADetailer denoising strength"], fields["ADetailer steps"]) == ("toy", "0.4", "15")
+    assert (fields["ADetailer model"], fields["ADetailer denoising strength"], fields["ADetailer steps"]) == ("toy", "0.3", "15")
     assert (fields["Hires upscale"], fields["Hires steps"], fields["Hires upscaler"], fields["Denoising strength"]) == (
-        "2", "15", "Lanczos", "0.25")
+        "2", "20", "Lanczos", "0.1")
 
 
 def test_toy_detector_agrees_with_the_drawn_body():
