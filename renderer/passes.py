@@ -278,7 +278,7 @@ def _detail(renderer, job, image, extra: dict, dtype: str, stats: dict):
     from renderer.detect import box_with_padding, detect
 
     d = job.passes.detail
-    mask = detect(d.detector, image)
+    mask = detect(d, image, renderer.root)
     if mask is None or d.strength == 0:
         _count(stats, "detail_skipped")
         return image

@@ -156,7 +156,9 @@ def pass_parameters(job: RenderJob) -> list[tuple[str, str]]:
                    ("Refiner switch at", _fmt_weight(p.refiner.switch_at))]
     if p.detail is not None:
         d = p.detail
-        fields += [("ADetailer model", d.detector), ("ADetailer denoising strength", _fmt_weight(d.strength)),
+        # ADetailer writes the detector's file name; a detector folder's name stands in for it.
+        fields += [("ADetailer model", Path(d.detector).name), ("ADetailer confidence", _fmt_weight(d.confidence)),
+                   ("ADetailer denoising strength", _fmt_weight(d.strength)),
                    ("ADetailer inpaint padding", str(d.padding)), ("ADetailer use separate steps", "True"),
                    ("ADetailer steps", str(d.steps))]
         if d.prompt:

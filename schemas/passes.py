@@ -65,7 +65,13 @@ class Detail(Strict):
 
     target: Literal["character"] = "character"
     detector: str = Field(default="toy", description="toy: the toy world's segmentation rule (saturated body "
-                          "colours no scene uses). Detector model files are not supported yet.")
+                          "colours no scene uses); or a local folder with a transformers object-detection model "
+                          "(config.json, model.safetensors, preprocessor_config.json; e.g. a YOLOS or DETR face or "
+                          "person detector saved with save_pretrained).")
+    label: str | None = Field(default=None, max_length=80, description="Detector folders: the class to look for "
+                              "(a name in the model's id2label, e.g. face or person); default: any class.")
+    confidence: float = Field(default=0.3, ge=0, le=1, description="Detector folders: the lowest score of a "
+                              "detection (ADetailer's confidence); none above it: the image is kept.")
     padding: int = Field(default=8, ge=0, le=512, description="Pixels added around the detected box.")
     strength: float = Field(default=0.4, ge=0, le=1)
     steps: int = Field(default=15, ge=1, le=500)
@@ -73,11 +79,11 @@ class Detail(Strict):
 
     @field_validator("detector")
     @classmethod
-    def _toy_only(cls, value: str) -> str:
-        if value != "toy":
-            raise ValueError(f"detector {value!r} is not supported yet: castbook has only the built-in `toy` "
-                             "detector (the toy world's body segmentation); a detector model file (e.g. a face or "
-                             "person segmentation model in .safetensors) cannot be loaded yet")
+    def _toy_or_folder(cls, value: str) -> str:
+        if value.lower().endswith(PICKLES + (".safetensors", ".onnx")):
+            raise ValueError(f"detector {value!r} is a single file; give `toy` or the folder of a transformers "
+                             "object-detection model (config.json, model.safetensors, preprocessor_config.json). "
+                             "Ultralytics .pt detectors are pickles and are not loaded")
         return value
 
 
@@ -173,7 +179,10 @@ class ResolvedInit(Strict):
 
 class ResolvedDetail(Strict):
     target: Literal["character"]
-    detector: str
+    detector: str  # "toy" or the detector folder, relative to the project root
+    detector_digest: str | None = None  # folder digest of a detector model (None for toy)
+    label: str | None = None
+    confidence: float = 0.3
     padding: int
     strength: float
     steps: int
@@ -256,7 +265,11 @@ def resolve_passes(settings: dict, scene, job, digests: dict[str, str], width: i
         w, hh = hires_size(width, height, h.scale)
         hires = ResolvedHires(scale=h.scale, upscaler=h.upscaler, strength=h.strength, steps=h.steps, width=w, height=hh)
     refiner = _refiner(Refiner.model_validate(values["refiner"]).model_dump(), digests) if values["refiner"] else None
-    detail = ResolvedDetail(**Detail.model_validate(values["detail"]).model_dump()) if values["detail"] else None
+    detail = None
+    if values["detail"]:
+        spec_detail = Detail.model_validate(values["detail"])
+        detector_digest = digests[spec_detail.detector] if spec_detail.detector != "toy" else None
+        detail = ResolvedDetail(**spec_detail.model_dump(), detector_digest=detector_digest)
     passes = ResolvedPasses(init=init, refiner=refiner, hires=hires, detail=detail)
     return None if passes.empty else passes
 
@@ -271,4 +284,6 @@ def pass_files(spec) -> set[str]:
             paths.add(job.init_image)
     refiners = [job.refiner for job in spec.jobs.values()] + [p.refiner for p in spec.presets.values()]
     paths.update(r.model for r in refiners if r is not None and not r.model.startswith("builtin:"))
+    details = [job.detail for job in spec.jobs.values()] + [p.detail for p in spec.presets.values()]
+    paths.update(d.detector for d in details if d is not None and d.detector != "toy")
     return paths

@@ -271,7 +271,8 @@ def _path_fields(data: dict) -> Iterator[tuple[Loc, str]]:
 
 
 def _pass_path_fields(data: dict) -> Iterator[tuple[Loc, str]]:
-    """Finishing passes (schemas/passes.py): init images, plates, masks (`auto` is no path), refiner models."""
+    """Finishing passes (schemas/passes.py): init images, plates, masks (`auto` is no path), refiner models,
+    detail-pass detector folders (`toy` is no path)."""
     for section, keys in (("scenes", ("init_image", "background_plate", "mask")), ("jobs", ("init_image",))):
         owners = data.get(section) if isinstance(data, dict) else None
         for name, owner in owners.items() if isinstance(owners, dict) else ():
@@ -285,6 +286,10 @@ def _pass_path_fields(data: dict) -> Iterator[tuple[Loc, str]]:
             refiner = owner.get("refiner") if isinstance(owner, dict) else None
             if isinstance(refiner, dict):
                 yield from _model_fields((section, name, "refiner", "model"), refiner.get("model"))
+            detail = owner.get("detail") if isinstance(owner, dict) else None
+            detector = detail.get("detector") if isinstance(detail, dict) else None
+            if isinstance(detector, str) and detector != "toy":
+                yield (section, name, "detail", "detector"), "dir"
 
 
 VAR_FILE_MAX_BYTES = 1 << 20

@@ -86,7 +86,7 @@ def test_pass_files_change_keys_and_settings_change_keys(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (("detail: {padding: 6}", "detail: {detector: models/face.safetensors}"), "is not supported yet"),
+    (("detail: {padding: 6}", "detail: {detector: models/face.safetensors}"), "is a single file; give `toy` or the folder"),
     (("background_plate: plate.png", "background_plate: plate.png\n    controls: [{type: canny, image: init.png}]"),
      "cannot be combined with controls yet"),
     (("init_image: init.png", "init_image: init.png\n    mask: mask.png"), "`mask` needs `background_plate`"),
