@@ -43,7 +43,13 @@ from typing import Callable
 import numpy as np
 
 from schemas.toy import ToyControlNetSpec
-from toyworld.export import atomic_save_safetensors, load_pipeline, resolve, save_pipeline, write_record
+from toyworld.export import (
+    atomic_save_safetensors,
+    load_frozen_base,
+    resolve,
+    save_pipeline,
+    write_record,
+)
 from toyworld.loop import deterministic, noise_scheduler, seeded, train_loop
 from toyworld.unet import caption_embeddings, drop_captions, unet_loss
 from toyworld.vae import encode_latents
@@ -265,13 +271,7 @@ def _run_controlnet(spec: ToyControlNetSpec, root: Path, log: Callable[[str], No
     work = Path(spec.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    base_dir = resolve(root, spec.base)
-    if not (base_dir / "model_index.json").exists():
-        raise FileNotFoundError(f"base model {base_dir} is not a diffusers folder; train it first with "
-                                f"`castbook toymodel train-base specs/toy/toy-base.yaml` or fix `base:`")
-    pipe = load_pipeline(base_dir)
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        m.eval().requires_grad_(False)
+    pipe = load_frozen_base(root, spec.base)
     size = spec.data.size
 
     # 2. data: images, pose maps -> control images, latents, caption embeddings

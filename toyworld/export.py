@@ -45,6 +45,19 @@ def load_pipeline(folder: Path):
         Path(folder), local_files_only=True, use_safetensors=True, torch_dtype=torch.float32)
 
 
+def load_frozen_base(root: Path, base: str):
+    """The base model an add-on (ControlNet, IP-Adapter) trains against: loaded fp32, every part
+    in eval mode without gradients."""
+    base_dir = resolve(root, base)
+    if not (base_dir / "model_index.json").exists():
+        raise FileNotFoundError(f"base model {base_dir} is not a diffusers folder; train it first with "
+                                f"`castbook toymodel train-base specs/toy/toy-base.yaml` or fix `base:`")
+    pipe = load_pipeline(base_dir)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        m.eval().requires_grad_(False)
+    return pipe
+
+
 def write_record(out: Path, record: dict) -> None:
     """`<out>.training.json` next to the exported folder `out`."""
     out = Path(out)

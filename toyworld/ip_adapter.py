@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 
 from schemas.toy import ToyIpAdapterSpec
-from toyworld.export import atomic_save_safetensors, load_pipeline, resolve, write_record
+from toyworld.export import atomic_save_safetensors, load_frozen_base, resolve, write_record
 from toyworld.ip_encoder import (
     build_encoder,
     convert_toy_clip_vision,
@@ -285,14 +285,8 @@ def _run(spec: ToyIpAdapterSpec, root: Path, log: Callable[[str], None], do_eval
     work = Path(spec.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    base_dir = resolve(root, spec.base)
-    if not (base_dir / "model_index.json").exists():
-        raise FileNotFoundError(f"base model {base_dir} is not a diffusers folder; train it first with "
-                                f"`castbook toymodel train-base specs/toy/toy-base.yaml` or fix `base:`")
-    pipe = load_pipeline(base_dir)
+    pipe = load_frozen_base(root, spec.base)
     pipe.set_progress_bar_config(disable=True)
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        m.eval().requires_grad_(False)
     processor = encoder_processor_for(spec.encoder)
     log(f"generating {spec.data.count} toy images (seed {spec.data.seed}, hold-outs excluded)")
     images, labels = toy_examples(spec.data.count, spec.data.seed, spec.data.size)
