@@ -99,3 +99,11 @@ def test_bad_pass_settings_are_refused_clearly(tmp_path, edit, message):
     with pytest.raises(SpecErrors) as caught:
         load_plan(root / "spec.yaml")
     assert message in str(caught.value)
+
+
+def test_plan_table_shows_the_size_after_the_hires_pass(repo_root, capsys, monkeypatch):
+    from castbook.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["plan", str(repo_root / "specs" / "examples" / "luca.yaml"), "--only", "hires/*"]) == 0
+    assert capsys.readouterr().out.count("64x64→128x128") == 2

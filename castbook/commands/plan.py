@@ -78,7 +78,7 @@ def run(args) -> int:
         table.add_column(column, overflow="fold")
     for job in plan.jobs:
         table.add_row(
-            job.job, job.character or "-", job.scene, job.preset, str(job.seed), f"{job.width}x{job.height}",
+            job.job, job.character or "-", job.scene, job.preset, str(job.seed), _size(job),
             str(job.num_inference_steps), f"{job.guidance_scale:g}",
             ", ".join(f"{l.name}:{l.weight:g}" for l in job.loras) or "-",
             ", ".join(f"{c.type}:{c.scale:g}" for c in job.controls) or "-",
@@ -87,3 +87,10 @@ def run(args) -> int:
     Console(width=max(160, Console().width)).print(table)
     print(f"{len(plan.jobs)} jobs from {', '.join(str(p) for p in plan.spec_files)}")
     return 0
+
+
+def _size(job) -> str:
+    """The first pass's size, and the final one when a hires pass changes it (`64x64→128x128`)."""
+    size = f"{job.width}x{job.height}"
+    hires = job.passes.hires if job.passes is not None else None
+    return f"{size}→{hires.width}x{hires.height}" if hires is not None else size
