@@ -164,10 +164,29 @@ def _img2img_call(renderer, pipe, job, args: dict, extra: dict, latents: bool = 
     from renderer.models import make_scheduler
 
     pipe.scheduler = make_scheduler(job.scheduler, scheduler_config or renderer._base_scheduler_config)
-    out = pipe(prompt=prompt if prompt is not None else job.prompt, negative_prompt=job.negative_prompt,
-               guidance_scale=job.guidance_scale, generator=_generator(job),
-               output_type="latent" if latents else "np", **args, **extra)
-    return out.images if latents else _to_pil(job, out.images)
+
+    def call():
+        if renderer._inject_oom > 0:  # test hook (renderer/test_hooks.py), as in the first pass
+            renderer._inject_oom -= 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by CASTBOOK_INJECT_OOM for testing)")
+        out = pipe(prompt=prompt if prompt is not None else job.prompt, negative_prompt=job.negative_prompt,
+                   guidance_scale=job.guidance_scale, generator=_generator(job),
+                   output_type="latent" if latents else "np", **args, **extra)
+        return out.images if latents else _to_pil(job, out.images)
+
+    import torch
+
+    # The larger passes (hires) need more memory than the first: one retry with the first pass's
+    # fallback (VAE tiling, and model offload on CUDA), which stays on for the next jobs.
+    try:
+        return call()
+    except torch.cuda.OutOfMemoryError as first:
+        applied = renderer.oom_fallback(pipe)
+        try:
+            return call()
+        except torch.cuda.OutOfMemoryError as e:
+            raise JobError(f"{job.name}: out of GPU memory in a finishing pass even with {applied} ({e}); "
+                           "use a smaller hires scale or a GPU with more memory") from first
 
 
 def load_image(renderer, job, rel: str, what: str):

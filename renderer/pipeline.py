@@ -286,15 +286,7 @@ class JobRenderer:
         try:
             return self._call(pipe, job, kwargs)
         except torch.cuda.OutOfMemoryError as first:
-            self._free_cuda()
-            self.stats["oom_fallbacks"] += 1
-            applied = ["vae_tiling"]
-            pipe.vae.enable_tiling()
-            if self.device.startswith("cuda"):
-                pipe.enable_model_cpu_offload(device=self.device)
-                applied.append("cpu_offload")
-            # Sticky: the next jobs would run out of memory too.
-            self._fallback = "+".join(applied)
+            self.oom_fallback(pipe)
             try:
                 return self._call(pipe, job, kwargs)
             except torch.cuda.OutOfMemoryError as e:
@@ -302,6 +294,20 @@ class JobRenderer:
                     f"{job.name}: out of GPU memory even with {self._fallback} ({e}); "
                     f"render smaller images or use a GPU with more memory"
                 ) from first
+
+    def oom_fallback(self, pipe) -> str:
+        """After a CUDA out-of-memory error: free the cache, tile the VAE and, on CUDA, offload models
+        to the CPU between uses. Sticky: the next jobs would run out of memory too. Returns what was
+        applied (`vae_tiling+cpu_offload`)."""
+        self._free_cuda()
+        self.stats["oom_fallbacks"] += 1
+        applied = ["vae_tiling"]
+        pipe.vae.enable_tiling()
+        if self.device.startswith("cuda"):
+            pipe.enable_model_cpu_offload(device=self.device)
+            applied.append("cpu_offload")
+        self._fallback = "+".join(applied)
+        return self._fallback
 
     def _peak_memory(self) -> int:
         import torch

@@ -253,3 +253,27 @@ def test_reproduce_a_multi_pass_image_byte_for_byte(renderer, capsys):
     assert main(["reproduce", str(path), "--root", str(root)]) == 0
     assert "match" in capsys.readouterr().out
     assert Image.open(path).size == (128, 128)
+
+
+def test_a_pass_that_runs_out_of_memory_retries_once_with_the_fallback(renderer):
+    """The hires pass needs more memory than the first pass: it gets the same one retry (simulated
+    CUDA OOM, renderer/test_hooks.py); a second failure is a JobError that names the pass."""
+    j = toy_job(PROMPTS[0][0], passes=ResolvedPasses(hires=HIRES))
+
+    def armed_after_the_first_pass(ooms: int) -> JobRenderer:
+        fresh = JobRenderer(renderer.root)
+        first_pass = fresh._call
+
+        def call(*args, **kwargs):
+            result = first_pass(*args, **kwargs)
+            fresh._inject_oom = ooms  # the next calls are the pass's
+            return result
+
+        fresh._call = call
+        return fresh
+
+    fresh = armed_after_the_first_pass(1)
+    out = fresh.render(j)
+    assert out.image.size == (128, 128) and fresh.stats["oom_fallbacks"] == 1 and out.fallback == "vae_tiling"
+    with pytest.raises(JobError, match="out of GPU memory in a finishing pass even with vae_tiling"):
+        armed_after_the_first_pass(2).render(j)
