@@ -100,7 +100,7 @@ def finetune_kv(pipe, enc, proc, spec, steps: int, count: int = 2000) -> None:
     """`to_k_ip` / `to_v_ip` on the recipe's diffusion loss and caption mix; the image projection stays."""
     import torch
 
-    from toyworld.ip_adapter import adapter_modules, build_data, toy_examples, with_image
+    from toyworld.ip_adapter import adapter_modules, build_data, sample_captions, toy_examples, with_image
     from toyworld.loop import noise_scheduler
     from toyworld.unet import unet_loss
 
@@ -126,15 +126,7 @@ def finetune_kv(pipe, enc, proc, spec, steps: int, count: int = 2000) -> None:
                              for j in torch.randint(0, len(data.groups[int(i)]), (k,), generator=g)])
         img = cached[refs].view(b, k, d).mean(1)
         img = img * (torch.rand(b, generator=g) >= spec.image_dropout).to(img.dtype)[:, None]
-        r = torch.rand(b, generator=g)
-        kind = (r >= mix.full).long() + (r >= mix.full + mix.no_identity).long() \
-            + (r >= mix.full + mix.no_identity + mix.wrong_identity).long()
-        rows = data.caption_index[idx, kind.clamp(max=2)]
-        e, p = data.embeds[rows].clone(), data.pooled[rows].clone()
-        dropped = kind == 3
-        zero = dropped & (torch.rand(b, generator=g) < 0.5)
-        e[zero], p[zero] = 0, 0
-        e[dropped & ~zero], p[dropped & ~zero] = data.empty_embeds, data.empty_pooled
+        e, p = sample_captions(data, idx, mix, g)
         loss = unet_loss(with_image(pipe.unet, img), data.latents[idx], e, p, sched, spec, 64, g)
         opt.zero_grad()
         loss.backward()

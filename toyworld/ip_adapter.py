@@ -224,16 +224,7 @@ def train_adapter(pipe, data: IpData, spec: ToyIpAdapterSpec, log: Callable[[str
             # attributes: the encoder learns only from its labels (the adapter sees a detached embedding)
             img = (emb if joint else emb.detach()).view(b, k, d).mean(dim=1)
         img = img * (torch.rand(b, generator=g) >= spec.image_dropout).to(img.dtype)[:, None]
-        # captions: full / no identity / wrong identity / dropped (half zeros, half "")
-        r = torch.rand(b, generator=g)
-        kind = (r >= mix.full).long() + (r >= mix.full + mix.no_identity).long() \
-            + (r >= mix.full + mix.no_identity + mix.wrong_identity).long()
-        rows = data.caption_index[idx, kind.clamp(max=2)]
-        e, p = data.embeds[rows].clone(), data.pooled[rows].clone()
-        dropped = kind == 3
-        zero = dropped & (torch.rand(b, generator=g) < 0.5)
-        e[zero], p[zero] = 0, 0
-        e[dropped & ~zero], p[dropped & ~zero] = data.empty_embeds, data.empty_pooled
+        e, p = sample_captions(data, idx, mix, g)
         loss = unet_loss(with_image(unet, img), data.latents[idx], e, p, scheduler, spec, 64, g)
         return loss + spec.attribute_loss * aux
 
@@ -269,6 +260,24 @@ def export(pipe, encoder, processor, out: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sample_captions(data, idx, mix, g):
+    """Caption embeddings of the targets `idx`: full / no identity / wrong identity / dropped (half
+    zeros, half the encoded ""), drawn with `mix`'s probabilities from generator `g`."""
+    import torch
+
+    b = len(idx)
+    r = torch.rand(b, generator=g)
+    kind = (r >= mix.full).long() + (r >= mix.full + mix.no_identity).long() \
+        + (r >= mix.full + mix.no_identity + mix.wrong_identity).long()
+    rows = data.caption_index[idx, kind.clamp(max=2)]
+    e, p = data.embeds[rows].clone(), data.pooled[rows].clone()
+    dropped = kind == 3
+    zero = dropped & (torch.rand(b, generator=g) < 0.5)
+    e[zero], p[zero] = 0, 0
+    e[dropped & ~zero], p[dropped & ~zero] = data.empty_embeds, data.empty_pooled
+    return e, p
 
 
 def run_ip_adapter(spec: ToyIpAdapterSpec, root: Path, log: Callable[[str], None] = print,
