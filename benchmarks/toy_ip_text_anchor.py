@@ -32,10 +32,35 @@ import json
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parents[1]
 ENCODER = HERE / "renderer" / "weights" / "toy" / "ip-adapter" / "image_encoder"
 SPEC = HERE / "specs" / "toy" / "toy-ip-adapter.yaml"
+
+
+# The first recipe's denoising-loss settings (the recipe itself now distils: toyworld/ip_adapter.py).
+FIRST_RECIPE = SimpleNamespace(noise_offset=0.1, snr_gamma=5.0, image_dropout=0.1,
+                               captions=SimpleNamespace(full=0.3, no_identity=0.3, wrong_identity=0.3))
+
+
+def sample_captions(data, idx, mix, g):
+    """Caption embeddings of the targets `idx`: full / no identity / wrong identity / dropped (half
+    zeros, half the encoded ""), drawn with `mix`'s probabilities from generator `g`."""
+    import torch
+
+    b = len(idx)
+    r = torch.rand(b, generator=g)
+    kind = (r >= mix.full).long() + (r >= mix.full + mix.no_identity).long() \
+        + (r >= mix.full + mix.no_identity + mix.wrong_identity).long()
+    rows = data.caption_index[idx, kind.clamp(max=2)]
+    e, p = data.embeds[rows].clone(), data.pooled[rows].clone()
+    dropped = kind == 3
+    zero = dropped & (torch.rand(b, generator=g) < 0.5)
+    e[zero], p[zero] = 0, 0
+    e[dropped & ~zero], p[dropped & ~zero] = data.empty_embeds, data.empty_pooled
+    return e, p
+
 
 
 def text_states(pipe, pairs, positions):
@@ -100,7 +125,7 @@ def finetune_kv(pipe, enc, proc, spec, steps: int, count: int = 2000) -> None:
     """`to_k_ip` / `to_v_ip` on the recipe's diffusion loss and caption mix; the image projection stays."""
     import torch
 
-    from toyworld.ip_adapter import adapter_modules, build_data, sample_captions, toy_examples, with_image
+    from toyworld.ip_adapter import adapter_modules, build_data, toy_examples, with_image
     from toyworld.loop import noise_scheduler
     from toyworld.unet import unet_loss
 
@@ -116,7 +141,7 @@ def finetune_kv(pipe, enc, proc, spec, steps: int, count: int = 2000) -> None:
     sched = noise_scheduler(pipe.scheduler.config)
     g = torch.Generator().manual_seed(3)
     eligible = torch.tensor([i for i, grp in enumerate(data.groups) if grp])
-    k, mix, b = 2, spec.captions, spec.batch_size
+    k, mix, b = 2, FIRST_RECIPE.captions, spec.batch_size
     losses, t0 = [], time.time()
     for step in range(steps):
         for grp in opt.param_groups:
@@ -125,9 +150,9 @@ def finetune_kv(pipe, enc, proc, spec, steps: int, count: int = 2000) -> None:
         refs = torch.tensor([data.groups[int(i)][int(j)] for i in idx
                              for j in torch.randint(0, len(data.groups[int(i)]), (k,), generator=g)])
         img = cached[refs].view(b, k, d).mean(1)
-        img = img * (torch.rand(b, generator=g) >= spec.image_dropout).to(img.dtype)[:, None]
+        img = img * (torch.rand(b, generator=g) >= FIRST_RECIPE.image_dropout).to(img.dtype)[:, None]
         e, p = sample_captions(data, idx, mix, g)
-        loss = unet_loss(with_image(pipe.unet, img), data.latents[idx], e, p, sched, spec, 64, g)
+        loss = unet_loss(with_image(pipe.unet, img), data.latents[idx], e, p, sched, FIRST_RECIPE, 64, g)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

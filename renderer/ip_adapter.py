@@ -18,8 +18,8 @@ order of `unet.attn_processors`), plus an image-encoder folder holding a
   `encode_image` does). **Several reference images are averaged**: the mean of their
   embeddings is one embedding, so the adapter sees "what the references have in common"
   (identity) more than any one picture's pose or background. The negative (classifier-free
-  guidance) is what diffusers uses: zeros for the plain adapter, the encoding of a black image
-  for Plus. Embeddings are cached per (encoder digest, image digest).
+  guidance) is what diffusers uses: zeros for the plain adapter, the hidden states of an all-zero
+  (normalised) pixel tensor for Plus. Embeddings are cached per (encoder digest, image digest).
 - Scale: `pipe.set_ip_adapter_scale(scale)`. A job without an adapter runs on a UNet whose
   adapter is unloaded (`unload_ip_adapter`), so nothing leaks into it.
 """
@@ -145,7 +145,8 @@ def encode_images(encoder, processor, images, plus: bool):
 
 
 def negative_embeds(encoder, processor, like, plus: bool):
-    """The classifier-free-guidance negative diffusers uses: zeros, or (Plus) a black image's hidden states."""
+    """The classifier-free-guidance negative diffusers uses: zeros, or (Plus) the hidden states of an
+    all-zero pixel tensor (already normalised, so mid-grey rather than black), as `encode_image` does."""
     import torch
 
     if not plus:

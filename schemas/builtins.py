@@ -16,7 +16,7 @@ BUILTIN_RECIPES: dict[str, int] = {
     "toy-controlnet": 2,  # ControlNet trained on toy-sdxl with drawn pose maps (retrain it with the base)
     "toy-clip": 2,  # default scorer wherever the base model is builtin:toy-sdxl
     "tiny-ip-adapter": 1,  # plain IP-Adapter for tiny-sdxl, random projection, with a tiny random image encoder
-    "toy-ip-adapter": 1,  # IP-Adapter + small image encoder trained on toy-sdxl (specs/toy/toy-ip-adapter.yaml)
+    "toy-ip-adapter": 2,  # IP-Adapter + small image encoder trained on toy-sdxl (specs/toy/toy-ip-adapter.yaml); 2: distilled
 }
 
 # What each shipped (trained) built-in's recipe number stands for: `core.digests.folder_digest`
@@ -26,7 +26,7 @@ SHIPPED_WEIGHTS: dict[str, str] = {
     "toy-sdxl": "86c4309a572a87633f33293a9d3d2fd93ccc966ae599a9a180575037d63f6645",
     "toy-controlnet": "4d921fbf29ca6e75d422a743ac1b3498373911a8eda531f753d075fd3f5b8670",
     "toy-clip": "9ccc00390c3efaaa9d929c6e35df387d0d8d124f728008f4a2d3f34a61b666ad",
-    "toy-ip-adapter": "8356ea1f265e7fa45163d094705b21eee1a21b49117f4f636909348803c9dbfc",
+    "toy-ip-adapter": "e8206004d2599ec8a4ef087c3136f0ce469a9e9b055c2668d73b12003a56dfaf",
 }
 
 BASE_MODELS = ("tiny-sdxl", "sdxl-random", "toy-sdxl")

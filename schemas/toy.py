@@ -165,10 +165,12 @@ class ToyClipSpec(Strict):
 
 
 class IpEncoderSpec(Strict):
-    """The image encoder: a small `CLIPVisionModelWithProjection` trained alongside the adapter."""
+    """The image encoder: a small `CLIPVisionModelWithProjection` whose `image_embeds` are colour /
+    shape / eye-colour logits (8 + 6 + 4 = 18; an identity encoder, like the face-recognition
+    embedding of IP-Adapter FaceID). Frozen while the adapter trains."""
 
-    # toy-clip: the vision tower of builtin:toy-clip (renderer/weights/toy/clip) converted, frozen;
-    # trained: a new one from random init (see objective)
+    # toy-clip: the vision tower of builtin:toy-clip (renderer/weights/toy/clip) converted, with a
+    # linear attribute probe, then optionally fine-tuned (finetune_*); trained: a new one from random init
     source: Literal["toy-clip", "trained"] = "toy-clip"
     clip: str = "renderer/weights/toy/clip"  # source toy-clip: the open_clip folder
     image_size: int = Field(64, ge=16)
@@ -177,35 +179,37 @@ class IpEncoderSpec(Strict):
     intermediate_size: int = Field(128, ge=8)
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
-    projection_dim: int = Field(18, ge=4)  # image_embeds size = the adapter's clip_embeddings_dim
-    # attributes: image_embeds are colour / shape / eye-colour logits (8 + 6 + 4 = 18), learnt by
-    # cross-entropy only (an identity encoder, like the face-recognition embedding of IP-Adapter
-    # FaceID); joint: any projection_dim, learnt through the denoising loss plus auxiliary heads.
-    objective: Literal["attributes", "joint"] = "attributes"
+    projection_dim: Literal[18] = 18  # image_embeds size = the adapter's clip_embeddings_dim
     label_smoothing: float = Field(0.1, ge=0, lt=1)  # keeps the logits bounded
-    # attributes: steps of encoder-only training (no UNet: fast) before the adapter starts
+    # toy-clip: steps of the linear probe on cached features; trained: steps of encoder-only training
     pretrain_steps: int = Field(0, ge=0)
     pretrain_batch_size: int = Field(64, ge=1)
     learning_rate: float = Field(2e-3, gt=0)
+    # toy-clip: the whole tower + probe, colour / eye colour on the pictures and shape on the same
+    # pictures with a random body colour (toyworld.ip_encoder.recoloured)
+    finetune_steps: int = Field(0, ge=0)
+    finetune_batch_size: int = Field(64, ge=2)
+    finetune_learning_rate: float = Field(5e-4, gt=0)
+    recoloured_copies: int = Field(3, ge=1)
 
-    @model_validator(mode="after")
-    def _attribute_dims(self):
-        if self.objective == "attributes" and self.projection_dim != 18:
-            raise ValueError("encoder.objective attributes needs projection_dim: 18 (8 colours + 6 shapes + 4 eye colours)")
-        return self
 
+class IpDistillSpec(Strict):
+    """Shares of the distillation samples. Teacher: the frozen base, adapter off, prompted with the
+    target's full caption ("a brown heart character with green eyes on the beach")."""
 
-class IpCaptionMix(Strict):
-    """Shares of the training captions (the rest: caption dropout, zeros or the encoded "")."""
-
-    full: float = Field(0.4, ge=0, le=1)  # the target's caption
-    no_identity: float = Field(0.3, ge=0, le=1)  # colour and shape left out: the adapter must supply them
-    wrong_identity: float = Field(0.2, ge=0, le=1)  # another colour/shape named: the reference must win
+    no_identity: float = Field(0.6, ge=0, le=1)  # student: the caption without colour and shape + references
+    full: float = Field(0.15, ge=0, le=1)  # student: the full caption + references (must not overdo it)
+    empty_prompt: float = Field(0.1, ge=0, le=1)  # student: "" + references
+    negative: float = Field(0.15, ge=0, le=1)  # both "" with a zero embedding: the guidance negative stays
+    # share of samples whose colour / shape / eye-colour slices come from three different pictures
+    # that share only that attribute: teaches the tokens to combine
+    attribute_mix: float = Field(0.5, ge=0, le=1)
 
     @model_validator(mode="after")
     def _sum(self):
-        if self.full + self.no_identity + self.wrong_identity > 1:
-            raise ValueError("captions: full + no_identity + wrong_identity must be at most 1 (the rest is dropout)")
+        total = self.no_identity + self.full + self.empty_prompt + self.negative
+        if abs(total - 1) > 1e-6:
+            raise ValueError(f"distill: no_identity + full + empty_prompt + negative must be 1, not {total:g}")
         return self
 
 
@@ -233,18 +237,27 @@ class ToyIpAdapterSpec(Strict):
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(1e-3, gt=0)  # constant after warmup
     warmup_steps: int = Field(50, ge=0)
-    noise_offset: float = Field(0.1, ge=0)
-    snr_gamma: float | None = Field(5.0, gt=0)
     references_per_sample: int = Field(2, ge=1)  # other images of the same character, embeddings averaged
-    captions: IpCaptionMix = IpCaptionMix()
-    image_dropout: float = Field(0.1, ge=0, le=1)  # zero image embeds (the pipeline's negative)
-    attribute_loss: float = Field(1.0, ge=0)  # weight of the encoder's colour/shape/eyes cross-entropy
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # the exported adapter is the moving average
+    distill: IpDistillSpec = IpDistillSpec()
+    # the plain adapter's 4 tokens: which slice of the embedding each reads (its other weights stay 0);
+    # None: every token reads the whole embedding
+    token_slices: list[tuple[int, int]] | None = [(0, 8), (8, 14), (8, 14), (14, 18)]
     eval: IpEvalSpec = IpEvalSpec()
     checkpoint_every: int = Field(250, ge=1)
     max_minutes: float | None = Field(None, gt=0)
     work_dir: str = "/tmp/castbook-toy-ip-adapter"
     output: str = "renderer/weights/toy/ip-adapter"  # adapter .safetensors + image_encoder/, relative to the root
     base: str = "renderer/weights/toy/sdxl"
+
+    @model_validator(mode="after")
+    def _slices(self):
+        d = self.encoder.projection_dim
+        if self.token_slices is not None and (len(self.token_slices) != 4 or any(
+                not 0 <= a < b <= d for a, b in self.token_slices)):
+            raise ValueError(f"token_slices: 4 [start, end) slices of the {d} embedding dimensions (a plain IP-Adapter "
+                             f"has 4 tokens), got {self.token_slices}")
+        return self
 
 
 # ----------------------------------------------------------------------------- loaders

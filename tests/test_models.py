@@ -145,7 +145,10 @@ def test_export_cli_writes_a_folder_plain_diffusers_loads(tmp_path, capsys):
     assert tuple(ControlNetModel.from_pretrained(tmp_path / "cn").config.conditioning_embedding_out_channels) == (16, 32)
     args = parser.parse_args(["models", "list"])
     assert args.func(args) == 0
-    assert "builtin:sdxl-random" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "builtin:sdxl-random" in listed
+    for name in ("toy-ip-adapter", "tiny-ip-adapter", "toy-clip"):  # every kind of built-in is listed
+        assert f"builtin:{name}" in listed
 
 
 @pytest.mark.slow

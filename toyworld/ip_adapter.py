@@ -1,25 +1,22 @@
 """Train `builtin:toy-ip-adapter`: an IP-Adapter (and its small image encoder) on the frozen toy base model.
 
 1. data: toy images (`toyworld.world.generate_one`, hold-outs excluded, so luca, alberto and
-   giulia are never seen), grouped by character (colour, shape, eye colour). Each training
-   target is conditioned on the **mean embedding of other images of the same character**
-   (other pose, background, expression), never on itself, so the adapter learns identity,
-   not a copy of the picture. Three caption kinds (`captions:` in the recipe): the target's
-   caption; the caption without colour and shape ("a character with green eyes on the beach"),
-   which only the reference can complete; and a caption naming another colour and shape, where
-   the reference must win. The rest is caption dropout (zeros or the encoded "", as the base).
-   Some image embeddings are zeroed (the pipeline's negative), so guidance works.
-2. model: a small `CLIPVisionModelWithProjection` trained alongside (`encoder:`; an auxiliary
-   colour / shape / eye-colour classification of each reference embedding speeds that up; the
-   heads are not shipped), and a plain IP-Adapter loaded into the frozen UNet by diffusers'
-   own `load_ip_adapter`: the image projection and the `to_k_ip` / `to_v_ip` of every
-   cross-attention (initialised from `to_k` / `to_v`) learn, everything else is frozen.
-   Loss: `toyworld.unet.unet_loss` (epsilon MSE, offset noise, Min-SNR) through the UNet with
-   `image_embeds` in its added conditioning, exactly as the pipeline passes them.
-3. export: `<output>/ip-adapter_toy-sdxl.safetensors` (the downloaded key layout, fp16) and
+   giulia are never seen), grouped by character (colour, shape, eye colour), their latents, and
+   per picture its caption and the caption without colour and shape ("a character with green
+   eyes on the beach").
+2. encoder (`toyworld.ip_encoder`): the toy CLIP's vision tower converted to a
+   `CLIPVisionModelWithProjection` whose `image_embeds` are colour / shape / eye-colour logits
+   (a linear probe, then the tower fine-tuned with shape learnt on recoloured bodies); frozen.
+3. adapter: a plain IP-Adapter loaded into the frozen UNet by diffusers' own `load_ip_adapter`;
+   the image projection and every `to_k_ip` / `to_v_ip` (initialised from `to_k` / `to_v`) learn
+   by distillation (`train_adapter`): the UNet with the adapter, the caption without identity and
+   the mean embedding of OTHER pictures of the same character must predict the noise the same
+   UNet predicts with the adapter off and the full caption. `token_slices` and `attribute_mix`
+   make colour and shape recombine for pairs never seen together.
+4. export: `<output>/ip-adapter_toy-sdxl.safetensors` (the downloaded key layout, fp16) and
    `<output>/image_encoder/` (config, fp16 safetensors, preprocessor config), swapped in
    atomically, and `<output>.training.json`.
-4. eval: the held-out characters rendered from their own reference images (generator seed
+5. eval: the held-out characters rendered from their own reference images (generator seed
    `eval.seed`) with and without the adapter, read by `toyworld.checker`.
 
 Runs through `toyworld.loop.train_loop` inside `loop.deterministic` (one thread, seeded).
@@ -41,12 +38,13 @@ from toyworld.ip_encoder import (
     build_encoder,
     convert_toy_clip_vision,
     encoder_processor_for,
+    finetune_encoder,
     hue_rotated,
     pretrain_encoder,
     train_probe,
 )
-from toyworld.loop import deterministic, noise_scheduler, seeded, train_loop
-from toyworld.unet import caption_embeddings, unet_loss
+from toyworld.loop import Ema, deterministic, noise_scheduler, train_loop
+from toyworld.unet import caption_embeddings
 from toyworld.vae import encode_latents
 
 ADAPTER_FILE = "ip-adapter_toy-sdxl.safetensors"
@@ -67,7 +65,7 @@ class IpData:
     hue_pixels: object  # the same images with their hue rotated at random (shape labels only)
     attrs: object  # N x 3: colour, shape, eyes indices (the auxiliary heads' targets)
     groups: list  # per image: indices of the other images of the same character
-    caption_index: object  # N x 3: rows of embeds for (full, no identity, wrong identity)
+    caption_index: object  # N x len(CAPTION_KINDS): rows of embeds
     embeds: object
     pooled: object
     empty_embeds: object
@@ -112,7 +110,12 @@ def build_data(pipe, processor, images, labels, seed: int) -> IpData:
     with torch.no_grad():
         empty_e, _, empty_p, _ = pipe.encode_prompt([""], device="cpu", num_images_per_prompt=1,
                                                     do_classifier_free_guidance=False)
-    return IpData(latents, pixels, hue_pixels, attrs, groups, index.view(-1, 3), embeds, pooled, empty_e[0], empty_p[0])
+    return IpData(latents, pixels, hue_pixels, attrs, groups, index.view(-1, len(CAPTION_KINDS)), embeds, pooled,
+                  empty_e[0], empty_p[0])
+
+
+# Columns of `IpData.caption_index` (wrong_identity: the first recipe's, kept for benchmarks/toy_ip_text_anchor.py).
+CAPTION_KINDS = ("full", "no_identity", "wrong_identity")
 
 
 # ----------------------------------------------------------------------------- model
@@ -147,92 +150,134 @@ def with_image(unet, image_embeds):
     return forward
 
 
-def train_adapter(pipe, data: IpData, spec: ToyIpAdapterSpec, log: Callable[[str], None] = print,
+def set_ip_scale(unet, scale: float) -> None:
+    """`pipe.set_ip_adapter_scale` for a bare UNet (the teacher is the same UNet at scale 0)."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
+
+    for p in unet.attn_processors.values():
+        if isinstance(p, (IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0)):
+            p.scale = [scale] * len(p.scale)
+
+
+def restrict_tokens(unet, slices) -> None:
+    """Token t of the image projection reads only embedding dims `slices[t]`: the other weights are
+    zeroed (rescaled to keep the init variance) and their gradients masked, so they stay zero and
+    the file keeps the plain layout. A colour token and shape tokens recombine for pairs never seen
+    together (measured: the same recipe without slices drew alberto's star 0/12)."""
+    import torch
+
+    proj = unet.encoder_hid_proj.image_projection_layers[0].image_embeds
+    tokens = unet.encoder_hid_proj.image_projection_layers[0].num_image_text_embeds
+    cross = proj.weight.shape[0] // tokens
+    mask = torch.zeros_like(proj.weight)
+    for t, (lo, hi) in enumerate(slices):
+        mask[t * cross:(t + 1) * cross, lo:hi] = 1
+    with torch.no_grad():
+        proj.weight.mul_(mask * (proj.weight.shape[1] / mask.sum(dim=1, keepdim=True).clamp(min=1)) ** 0.5)
+    proj.weight.register_hook(lambda grad: grad * mask)
+
+
+def image_encoder_for(data: IpData, labels, spec: ToyIpAdapterSpec, log: Callable[[str], None], root: Path):
+    """The frozen attribute encoder: the converted toy CLIP + probe (+ fine-tune), or a trained one."""
+    from toyworld.ip_adapter_eval import encoder_accuracy
+
+    if spec.encoder.source == "toy-clip":
+        encoder = convert_toy_clip_vision(resolve(root, spec.encoder.clip))
+        pre = {"source": "toy-clip", **train_probe(encoder, data, spec, log)}
+        if spec.encoder.finetune_steps:
+            pre.update(finetune_encoder(encoder, data, labels, spec, log))
+    else:
+        encoder = build_encoder(spec.encoder, spec.seed)
+        pre = {"source": "trained", **pretrain_encoder(encoder, data, spec, log)}
+    encoder.eval().requires_grad_(False)
+    pre["held_out_reads"] = encoder_accuracy(encoder, encoder_processor_for(spec.encoder), spec.eval.characters, 16,
+                                             spec.eval.seed)
+    log(f"image encoder: {json.dumps(pre)}")
+    return encoder, pre
+
+
+def train_adapter(pipe, data: IpData, labels, spec: ToyIpAdapterSpec, log: Callable[[str], None] = print,
                   steps: int | None = None, checkpoint: Callable[[int, object], None] | None = None,
                   root: Path = Path(".")):
-    """Train encoder + adapter on the frozen pipeline; returns (encoder, losses, steps_done, seconds)."""
-    import torch
-    import torch.nn.functional as F
+    """Encoder, then the adapter distilled from the text path; returns (encoder, losses, steps_done, seconds, pre).
 
-    from toyworld import world as tw
-    from toyworld.ip_adapter_eval import encoder_accuracy
+    Each sample: a noisy latent of a toy picture; teacher = the frozen UNet, adapter at scale 0, with
+    the picture's full caption; student = the same UNet with the adapter and (mostly) the caption
+    without colour and shape, given the mean embedding of other pictures of that character. MSE
+    between the two noise predictions. Measured against the denoising loss on pictures (the first
+    recipe): identity 8-25 % -> see docs/TOYWORLD.md; the teacher's prediction carries the outline
+    at high noise, where the pictures' own noise target carries almost none of it.
+    """
+    import torch
+
+    from toyworld.unet import time_ids
 
     unet = pipe.unet
     unet.eval().requires_grad_(False)
-    if spec.encoder.source == "toy-clip":
-        encoder = convert_toy_clip_vision(resolve(root, spec.encoder.clip))
-        pre = {"source": "toy-clip", "frozen": True}
-        if spec.encoder.objective == "attributes":
-            pre.update(train_probe(encoder, data, spec, log))
-            log(f"image encoder: toy CLIP + attribute projection {pre}; held-out reads " + json.dumps(
-                encoder_accuracy(encoder, encoder_processor_for(spec.encoder), spec.eval.characters, 16,
-                                 spec.eval.seed)))
-    else:
-        encoder = build_encoder(spec.encoder, spec.seed)
-        pre = pretrain_encoder(encoder, data, spec, log)
-    if pre.get("steps"):
-        log(f"image encoder pretrained: {pre}; held-out reads "
-            + json.dumps(encoder_accuracy(encoder.eval(), encoder_processor_for(spec.encoder), spec.eval.characters,
-                                          16, spec.eval.seed)))
-    encoder.train()
-    modules = attach_adapter(pipe, encoder.config.projection_dim, spec.seed + 1)
-    for m in modules:
-        m.requires_grad_(True)
-    d = encoder.config.projection_dim
-    sizes = (len(tw.COLOURS), len(tw.SHAPES), len(tw.EYE_COLOURS))
-    joint = spec.encoder.objective == "joint"
-    with seeded(spec.seed + 2):  # joint: auxiliary heads (not shipped); attributes: the embedding's own slices
-        heads = torch.nn.ModuleList([torch.nn.Linear(d, n) for n in sizes] if joint else [])
-    bounds = np.cumsum((0,) + sizes)
-
-    def attribute_logits(emb):
-        if joint:
-            return [h(emb) for h in heads]
-        return [emb[:, bounds[n]:bounds[n + 1]] for n in range(3)]
-    frozen = bool(pre)  # a pretrained attribute encoder stays fixed: its embeddings are computed once
-    if frozen:
-        encoder.eval().requires_grad_(False)
-        with torch.no_grad():
-            cached = torch.cat([encoder(data.pixels[i:i + 256]).image_embeds for i in range(0, len(data.pixels), 256)])
-    params = [q for m in modules for q in m.parameters()] + list(heads.parameters())
-    if not frozen:
-        params = list(encoder.parameters()) + params
+    encoder, pre = image_encoder_for(data, labels, spec, log, root)
+    with torch.no_grad():
+        cached = torch.cat([encoder(data.pixels[i:i + 256]).image_embeds for i in range(0, len(data.pixels), 256)])
+    d = cached.shape[1]
+    modules = attach_adapter(pipe, d, spec.seed + 1)
+    params = [q for m in modules for q in m.parameters()]
+    for q in params:
+        q.requires_grad_(True)
+    if spec.token_slices:
+        restrict_tokens(unet, spec.token_slices)
     opt = torch.optim.AdamW(params, lr=1.0, weight_decay=0.0)  # lr: train_loop sets it from lr_at
     scheduler = noise_scheduler(pipe.scheduler.config)
     g = torch.Generator().manual_seed(spec.seed + 3)
     eligible = torch.tensor([i for i, grp in enumerate(data.groups) if grp])
-    k = spec.references_per_sample
-    mix = spec.captions
+    by_attr = [{int(v): torch.nonzero(data.attrs[:, a] == v).view(-1) for v in data.attrs[:, a].unique()}
+                for a in range(3)]
+    from toyworld import world as tw
+
+    bounds = np.cumsum((0, len(tw.COLOURS), len(tw.SHAPES), len(tw.EYE_COLOURS)))
+    mix = spec.distill
+    kinds = torch.tensor([mix.no_identity, mix.full, mix.empty_prompt, mix.negative])
+    k, b = spec.references_per_sample, spec.batch_size
     total = spec.steps if steps is None else steps
 
     def lr_at(step: int) -> float:
         return spec.learning_rate * min(1.0, (step + 1) / max(1, spec.warmup_steps))
 
+    def unet_eps(noisy, t, e, p, img):
+        return unet(noisy, t, encoder_hidden_states=e, added_cond_kwargs={
+            "text_embeds": p, "time_ids": time_ids(spec.data.size, len(t)), "image_embeds": [img[:, None, :]]}).sample
+
     def step_loss(step: int):
-        b = spec.batch_size
         idx = eligible[torch.randint(0, len(eligible), (b,), generator=g)]
-        # references: k other images of the same character per target
         refs = torch.tensor([data.groups[int(i)][int(j)] for i in idx
                              for j in torch.randint(0, len(data.groups[int(i)]), (k,), generator=g)])
-        if frozen:
-            img = cached[refs].view(b, k, d).mean(dim=1)
-            aux = 0.0
-        else:
-            emb = encoder(data.pixels[refs]).image_embeds  # (b*k) x d
-            aux = sum(F.cross_entropy(z, data.attrs[refs, n], label_smoothing=spec.encoder.label_smoothing)
-                      for n, z in enumerate(attribute_logits(emb))) / 3
-            # attributes: the encoder learns only from its labels (the adapter sees a detached embedding)
-            img = (emb if joint else emb.detach()).view(b, k, d).mean(dim=1)
-        img = img * (torch.rand(b, generator=g) >= spec.image_dropout).to(img.dtype)[:, None]
-        e, p = sample_captions(data, idx, mix, g)
-        loss = unet_loss(with_image(unet, img), data.latents[idx], e, p, scheduler, spec, 64, g)
-        return loss + spec.attribute_loss * aux
+        img = cached[refs].view(b, k, d).mean(dim=1)
+        for n in torch.nonzero(torch.rand(b, generator=g) < mix.attribute_mix).view(-1).tolist():
+            img[n] = torch.cat([cached[pool[torch.randint(0, len(pool), (k,), generator=g)], bounds[a]:bounds[a + 1]].mean(0)
+                                for a in range(3) for pool in [by_attr[a][int(data.attrs[idx[n], a])]]])
+        kind = torch.multinomial(kinds, b, replacement=True, generator=g)
+        full = data.caption_index[idx, CAPTION_KINDS.index("full")]
+        col = CAPTION_KINDS.index
+        rows = data.caption_index[idx, torch.where(kind == 1, col("full"), col("no_identity"))]
+        t_e, t_p = data.embeds[full].clone(), data.pooled[full].clone()
+        s_e, s_p = data.embeds[rows].clone(), data.pooled[rows].clone()
+        s_e[kind >= 2], s_p[kind >= 2] = data.empty_embeds, data.empty_pooled
+        t_e[kind == 3], t_p[kind == 3] = data.empty_embeds, data.empty_pooled
+        img[kind == 3] = 0
+        noise = torch.randn(data.latents[idx].shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=g)
+        noisy = scheduler.add_noise(data.latents[idx], noise, t)
+        with torch.no_grad():
+            set_ip_scale(unet, 0.0)
+            target = unet_eps(noisy, t, t_e, t_p, torch.zeros_like(img))
+            set_ip_scale(unet, 1.0)
+        return torch.nn.functional.mse_loss(unet_eps(noisy, t, s_e, s_p, img), target)
 
+    ema = Ema([q.detach().clone() for q in params], params, spec.ema_decay) if spec.ema_decay else None
     run = train_loop(step_loss, opt, lr_at, total, clip_params=params, name="ip-adapter", log=log, log_every=25,
-                     batch_size=spec.batch_size,
-                     checkpoint=(lambda done: checkpoint(done, encoder)) if checkpoint else None,
+                     batch_size=b, ema=ema, checkpoint=(lambda done: checkpoint(done, encoder)) if checkpoint else None,
                      checkpoint_every=spec.checkpoint_every, max_minutes=spec.max_minutes)
-    encoder.eval()
+    with torch.no_grad():
+        for q, avg in zip(params, ema.shadow if ema else params):
+            q.requires_grad_(False).copy_(avg)
     return encoder, run.losses, run.done, run.seconds, pre
 
 
@@ -260,24 +305,6 @@ def export(pipe, encoder, processor, out: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def sample_captions(data, idx, mix, g):
-    """Caption embeddings of the targets `idx`: full / no identity / wrong identity / dropped (half
-    zeros, half the encoded ""), drawn with `mix`'s probabilities from generator `g`."""
-    import torch
-
-    b = len(idx)
-    r = torch.rand(b, generator=g)
-    kind = (r >= mix.full).long() + (r >= mix.full + mix.no_identity).long() \
-        + (r >= mix.full + mix.no_identity + mix.wrong_identity).long()
-    rows = data.caption_index[idx, kind.clamp(max=2)]
-    e, p = data.embeds[rows].clone(), data.pooled[rows].clone()
-    dropped = kind == 3
-    zero = dropped & (torch.rand(b, generator=g) < 0.5)
-    e[zero], p[zero] = 0, 0
-    e[dropped & ~zero], p[dropped & ~zero] = data.empty_embeds, data.empty_pooled
-    return e, p
 
 
 def run_ip_adapter(spec: ToyIpAdapterSpec, root: Path, log: Callable[[str], None] = print,
@@ -318,7 +345,7 @@ def _run(spec: ToyIpAdapterSpec, root: Path, log: Callable[[str], None], do_eval
         curve.append({"step": step, **{n: r["adapter"] for n, r in res.items()}})
         log(f"checkpoint {step}: held-out identity hit rate " + json.dumps(curve[-1]))
 
-    encoder, losses, done, t_train, pre = train_adapter(pipe, data, spec, log, checkpoint=checkpoint, root=root)
+    encoder, losses, done, t_train, pre = train_adapter(pipe, data, labels, spec, log, checkpoint=checkpoint, root=root)
     out = resolve(root, spec.output)
     export(pipe, encoder, processor, out)
     record = {

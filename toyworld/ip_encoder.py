@@ -1,6 +1,7 @@
 """The image encoder of the toy IP-Adapter (toyworld/ip_adapter.py): the toy CLIP's vision tower
 converted to a `CLIPVisionModelWithProjection` (with an attribute projection trained as a linear
-probe), or a small one trained from random init (`encoder.source: trained`)."""
+probe, then the whole tower fine-tuned with shape learnt on recoloured bodies), or a small one trained
+from random init (`encoder.source: trained`)."""
 
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ def pretrain_encoder(encoder, data: "IpData", spec: ToyIpAdapterSpec, log: Calla
     from toyworld import world as tw
 
     enc = spec.encoder
-    if enc.objective != "attributes" or not enc.pretrain_steps:
+    if not enc.pretrain_steps:
         return {}
     bounds = np.cumsum((0, len(tw.COLOURS), len(tw.SHAPES), len(tw.EYE_COLOURS)))
     opt = torch.optim.AdamW(encoder.parameters(), lr=1.0, weight_decay=0.0)
@@ -171,3 +172,62 @@ def encoder_loss(encoder, data: "IpData", n: int, smoothing: float, bounds, g):
 
     plain = sum(ce(emb[:half, bounds[k]:bounds[k + 1]], data.attrs[idx[:half], k]) for k in range(3)) / 3
     return plain + ce(emb[half:, bounds[1]:bounds[2]], data.attrs[idx[half:], 1])
+
+
+def recoloured(labels, seed: int):
+    """Each toy picture redrawn with a random body colour (hue uniform, saturation 0.4-1, value 0.3-1),
+    background, pose and face unchanged. The shape logits learn on these only: on the plain pictures a
+    shape head learns "brown never comes as a heart" from the hold-outs' absence (measured: the frozen
+    toy CLIP's probe read 12 % of luca's hearts as hearts; fine-tuned on recoloured bodies, 88-100 %)."""
+    import colorsys
+
+    from toyworld import world as tw
+
+    rng = np.random.default_rng([seed, 29])
+    out = []
+    for lb in labels:
+        label, draw_rng = tw.sample_label(lb.seed, lb.index, lb.size)
+        rgb = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.4, 1.0), rng.uniform(0.3, 1.0))
+        out.append(tw.render(label.colour, label.shape, label.eyes, label.expression, label.background, label.pose,
+                             lb.size, draw_rng, body_rgb=tuple(int(round(x * 255)) for x in rgb)))
+    return out
+
+
+def finetune_encoder(encoder, data: "IpData", labels, spec: ToyIpAdapterSpec,
+                     log: Callable[[str], None] = print) -> dict:
+    """The whole converted tower and its attribute projection, `finetune_steps` x `finetune_batch_size`:
+    half the batch plain pictures (colour and eye-colour cross-entropy), half recoloured ones (shape)."""
+    import torch
+    import torch.nn.functional as F
+
+    from toyworld import world as tw
+
+    enc = spec.encoder
+    processor = encoder_processor_for(enc)
+    attrs, plain = data.attrs, data.pixels
+    copies = [processor(recoloured(labels, spec.seed + c), return_tensors="pt").pixel_values
+              for c in range(enc.recoloured_copies)]
+    b = np.cumsum((0, len(tw.COLOURS), len(tw.SHAPES), len(tw.EYE_COLOURS)))
+    encoder.train().requires_grad_(True)
+    opt = torch.optim.AdamW(encoder.parameters(), lr=1.0, weight_decay=0.0)
+    g = torch.Generator().manual_seed(spec.seed + 6)
+    half = enc.finetune_batch_size // 2
+
+    def step_loss(step: int):
+        idx = torch.randint(0, len(plain), (2 * half,), generator=g)
+        copy = copies[int(torch.randint(0, len(copies), (1,), generator=g))]
+        z = encoder(torch.cat([plain[idx[:half]], copy[idx[half:]]])).image_embeds
+
+        def ce(logits, target):
+            return F.cross_entropy(logits, target, label_smoothing=enc.label_smoothing)
+        return (ce(z[:half, b[0]:b[1]], attrs[idx[:half], 0]) + ce(z[:half, b[2]:b[3]], attrs[idx[:half], 2])) / 2 \
+            + ce(z[half:, b[1]:b[2]], attrs[idx[half:], 1])
+
+    def lr_at(step: int) -> float:
+        return enc.finetune_learning_rate * min(1.0, (step + 1) / 50)
+
+    run = train_loop(step_loss, opt, lr_at, enc.finetune_steps, clip_params=list(encoder.parameters()),
+                     name="image-encoder-finetune", log=log, log_every=250, batch_size=2 * half)
+    encoder.eval().requires_grad_(False)
+    return {"finetune_steps": run.done, "finetune_seconds": round(run.seconds, 1),
+            "finetune_loss_avg100": sum(run.losses[-100:]) / max(1, len(run.losses[-100:]))}

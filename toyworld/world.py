@@ -298,8 +298,10 @@ def _draw_background(draw: ImageDraw.ImageDraw, scene: str, size: int, rng: np.r
 
 
 def render(colour: str, shape: str, eyes: str, expression: str, background: str, pose: Pose,
-           size: int = 64, rng: np.random.Generator | None = None) -> Image.Image:
-    """Draw one character on one scene. ``rng`` only varies background details."""
+           size: int = 64, rng: np.random.Generator | None = None,
+           body_rgb: tuple[int, int, int] | None = None) -> Image.Image:
+    """Draw one character on one scene. ``rng`` only varies background details; ``body_rgb``
+    paints the body in a colour outside the vocabulary (augmentation only)."""
     rng = rng if rng is not None else np.random.default_rng(0)
     k = SUPERSAMPLE
     img = Image.new("RGB", (size * k, size * k))
@@ -307,7 +309,7 @@ def render(colour: str, shape: str, eyes: str, expression: str, background: str,
     # 1. the scene
     _draw_background(draw, background, size, rng)
     # 2. the body
-    draw.polygon(body_outline(shape, pose, k), fill=COLOURS[colour])
+    draw.polygon(body_outline(shape, pose, k), fill=body_rgb or COLOURS[colour])
     # 3. eyes: white sclera, coloured iris, in the face frame (tilts with the body)
     edx, ey, er, my, mw = FACE[shape]
     for sx in (-edx, edx):

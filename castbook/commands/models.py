@@ -24,6 +24,12 @@ BUILTIN_HELP = {
     "tiny-sdxl": "SDXL architecture, tiny, random weights from a fixed seed (CPU tests and demos)",
     "tiny-controlnet": "ControlNet made from tiny-sdxl's UNet, output layers perturbed so control images matter",
     "sdxl-random": "full SDXL-base architecture, random weights, built in memory (GPU benchmarks; not exportable)",
+    "toy-sdxl": "trained by castbook on its toy world (specs/toy/toy-base.yaml; docs/TOYWORLD.md)",
+    "toy-controlnet": "pose ControlNet trained on toy-sdxl (specs/toy/toy-controlnet.yaml)",
+    "tiny-ip-adapter": "plain IP-Adapter + image encoder for tiny-sdxl, random (code paths only)",
+    "toy-ip-adapter": "IP-Adapter + image encoder trained on toy-sdxl, hold-outs excluded (specs/toy/toy-ip-adapter.yaml)",
+    "tiny-clip": "open_clip scorer from a tiny config, random (consistency plumbing)",
+    "toy-clip": "open_clip scorer trained on the toy world (default for toy-sdxl)",
 }
 
 
@@ -72,10 +78,12 @@ def run(args) -> int:
 
 
 def _list() -> int:
-    from renderer.builtins import BASE_MODELS, CONTROLNET_MODELS, builtin_digest
+    from schemas.builtins import BASE_MODELS, CLIP_MODELS, CONTROLNET_MODELS, IP_ADAPTER_MODELS, builtin_digest
 
-    for name in BASE_MODELS + CONTROLNET_MODELS:
-        print(f"builtin:{name:<16} {builtin_digest(name):<28} {BUILTIN_HELP.get(name, '')}")
+    for kind, names in (("base", BASE_MODELS), ("controlnet", CONTROLNET_MODELS), ("ip-adapter", IP_ADAPTER_MODELS),
+                        ("scorer", CLIP_MODELS)):
+        for name in names:
+            print(f"builtin:{name:<16} {kind:<11} {builtin_digest(name):<28} {BUILTIN_HELP.get(name, '')}")
     return 0
 
 
