@@ -20,12 +20,15 @@ order of `unet.attn_processors`), plus an image-encoder folder holding a
   (identity) more than any one picture's pose or background. The negative (classifier-free
   guidance) is what diffusers uses: zeros for the plain adapter, the hidden states of an all-zero
   (normalised) pixel tensor for Plus. Embeddings are cached per (encoder digest, image digest).
-- Scale: `pipe.set_ip_adapter_scale(scale)`. A job without an adapter runs on a UNet whose
-  adapter is unloaded (`unload_ip_adapter`), so nothing leaks into it.
+- Scale: `pipe.set_ip_adapter_scale(scale)`, a number or a scale per UNet block in diffusers' own
+  form (InstantStyle; blocks not named get 0). Every job sets it, so no job inherits another's. A
+  job without an adapter runs on a UNet whose adapter is unloaded (`unload_ip_adapter`), so
+  nothing leaks into it.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -168,6 +171,26 @@ def pipeline_embeds(mean, negative, guidance: bool):
     return [torch.cat([negative.reshape(pos.shape), pos], dim=0)]
 
 
+def set_scale(pipe, scale: float | dict, job_name: str) -> None:
+    """`set_ip_adapter_scale` with the job's scale. A per-block dict that names a block this UNet has
+    no attention in (or the wrong number of layers) is the job's error, with diffusers' reason."""
+    if not isinstance(scale, dict):
+        pipe.set_ip_adapter_scale(float(scale))
+        return
+    layout = {part: [f"block_{i}" for i, b in enumerate(getattr(pipe.unet, f"{part}_blocks")) if hasattr(b, "attentions")]
+              for part in ("down", "up")}
+    where = f"(this UNet has attention in down {layout['down']}, mid, up {layout['up']})"
+    # diffusers skips a block name it does not know, which would turn a typo into a silent 0
+    unknown = [f"{part}.{name}" for part in layout if isinstance(scale[part], dict)
+               for name in scale[part] if name not in layout[part]]
+    if unknown:
+        raise JobError(f"{job_name}: ip_adapter.scale names {', '.join(unknown)}, which has no attention layers {where}")
+    try:
+        pipe.set_ip_adapter_scale(copy.deepcopy(scale))  # a copy: diffusers expands it in place
+    except ValueError as exc:
+        raise JobError(f"{job_name}: ip_adapter.scale {json.dumps(scale)}: {exc} {where}") from exc
+
+
 class EmbedCache:
     """Image embeddings per (encoder digest, image digest, plus), LRU-bounded."""
 
@@ -276,7 +299,7 @@ class IpAdapterManager:
                                f"{type(exc).__name__}: {exc} (an SDXL adapter needs an SDXL base model)") from exc
             self.loaded, self.plus = (ip.digest, dtype_label), is_plus(keys)
             self.stats["loads"] += 1
-        pipe.set_ip_adapter_scale(float(ip.scale))
+        set_scale(pipe, ip.scale, job.name)
         ekey = (ip.encoder_digest, dtype_label)
         if ekey not in self.encoders:
             self.encoders[ekey] = load_image_encoder(encoder_dir, str(pipe.unet.device), torch_dtype(dtype_label))

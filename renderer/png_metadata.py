@@ -19,6 +19,7 @@ from PIL import Image, PngImagePlugin
 
 from core.model_hashes import A1111_LORA_HASH_LENGTH, a1111_lora_hash
 from renderer.outputs import castbook_version
+from schemas.ip_adapter import ip_scale_text
 from schemas.job import RenderJob
 from schemas.schedulers import SCHEDULERS
 
@@ -124,7 +125,7 @@ def format_parameters(job: RenderJob, lora_hashes: dict[str, str] | None = None)
     if job.ip_adapter is not None:  # identity from reference images (renderer/ip_adapter.py)
         ip = job.ip_adapter
         fields += [("IP-Adapter", Path(ip.model).stem if not ip.model.startswith("builtin:") else ip.model),
-                   ("IP-Adapter hash", short_hash(ip.digest)), ("IP-Adapter scale", _fmt_weight(ip.scale))]
+                   ("IP-Adapter hash", short_hash(ip.digest)), ("IP-Adapter scale", ip_scale_text(ip.scale))]
     fields.append(("Version", f"castbook-{castbook_version()}"))
     params = ", ".join(f"{k}: {_quote(v)}" for k, v in fields)
     return f"{prompt}\nNegative prompt: {job.negative_prompt}\n{params}"

@@ -6,6 +6,8 @@ adapter images, so "LoRA only / adapter only / both" sit side by side with the s
 
 from __future__ import annotations
 
+from schemas.ip_adapter import ip_scale_is_zero
+
 SOURCES = ("LoRA only", "adapter only", "both", "neither")
 
 
@@ -14,7 +16,7 @@ def identity_source(job: dict) -> str:
     at a non-zero scale."""
     lora = any(l.get("kind") == "character" and l.get("weight") for l in job.get("loras") or [])
     ip = job.get("ip_adapter") or None
-    adapter = bool(ip and ip.get("scale"))
+    adapter = bool(ip) and not ip_scale_is_zero(ip.get("scale") or 0)
     return {(True, False): "LoRA only", (False, True): "adapter only", (True, True): "both"}.get((lora, adapter),
                                                                                                   "neither")
 

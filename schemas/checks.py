@@ -8,10 +8,13 @@ from typing import get_args
 
 from jinja2 import TemplateError, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from pydantic import ValidationError
 
 from schemas.builtins import CONTROLNET_MODELS
+from schemas.ip_adapter import IpBlockScales, canonical_ip_scale
 from schemas.job import SchedulerName
 from schemas.loader import ErrorSink
+from schemas.located_validation import data_loc
 from schemas.presets import PresetError, resolve_presets
 from schemas.spec import (
     BuiltinModel,
@@ -157,10 +160,16 @@ def check_references(spec: Spec, sink: ErrorSink) -> None:
                 types = {c.type for s in job.scenes if s in spec.scenes for c in spec.scenes[s].controls}
                 if parts[1] not in types:
                     sink.add(loc, f"no scene of job `{jname}` has a `{parts[1]}` control to sweep")
-            for j, value in enumerate(values):
-                problem = _sweep_value_problem(parts[0] if parts[0] in ("loras", "controls", "vars") else axis, value)
+            problems = [(j, _sweep_value_problem(parts[0] if parts[0] in ("loras", "controls", "vars") else axis, v))
+                        for j, v in enumerate(values)]
+            for j, problem in problems:
                 if problem:
                     sink.add(loc + (j,), problem)
+            if axis == "ip_adapter.scale" and not any(p for _, p in problems):
+                seen = [canonical_ip_scale(v) for v in values]
+                dup = next((j for j, v in enumerate(seen) if v in seen[:j]), None)
+                if dup is not None:
+                    sink.add(loc + (dup,), f"the same scale as value {seen.index(seen[dup])} (blocks not named are 0)")
 
     # 4. prompt variables: a name of its own (never a built-in template variable's)
     owners = [(("characters", n), c) for n, c in spec.characters.items()] + \
@@ -266,7 +275,16 @@ def _sweep_value_problem(axis: str, value) -> str | None:
     if axis == "controls":
         return None if number and 0 <= value <= 4 else f"control scale must be a number 0..4, got {value!r}"
     if axis == "ip_adapter.scale":
-        return None if number and 0 <= value <= 4 else f"IP-Adapter scale must be a number 0..4, got {value!r}"
+        if isinstance(value, dict):  # per block, as diffusers takes it (schemas/ip_adapter.py)
+            try:
+                IpBlockScales.model_validate(value)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in data_loc(value, tuple(first["loc"]))) or "scale"
+                return f"per-block IP-Adapter scale: {where}: {first['msg']}"
+            return None
+        return None if number and 0 <= value <= 4 else (
+            f"IP-Adapter scale must be a number 0..4 or a per-block mapping (down / mid / up), got {value!r}")
     if axis == "vars":
         return None if isinstance(value, str) or number else f"a prompt variable's value is text, got {value!r}"
     return None

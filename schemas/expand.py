@@ -14,7 +14,7 @@ from core.errors import CastbookError
 from schemas.annotators import digest_key as annotator_digest_key
 from schemas.builtins import DEFAULT_CONTROLNET, builtin_digest
 from schemas.checks import job_count_error, seed_list
-from schemas.ip_adapter import resolve_ip_adapter
+from schemas.ip_adapter import canonical_ip_scale, ip_scale_label, resolve_ip_adapter
 from schemas.job import RenderJob, ResolvedControl, ResolvedLora, ResolvedModel, job_key
 from schemas.passes import resolve_passes
 from schemas.presets import resolve_presets
@@ -77,8 +77,14 @@ def _sweep_suffix(combo: dict) -> str:
             parts.append(f"{pieces[1]}={var_label(value)}")
             continue
         short = pieces[1] if pieces[0] in ("loras", "controls") else SWEEP_SHORT.get(axis, "ip")
-        parts.append(f"{short}={_format_value(value)}")
+        text = ip_scale_label(canonical_ip_scale(value)) if pieces[0] == "ip_adapter" else _format_value(value)
+        parts.append(f"{short}={text}")
     return ("-" + "-".join(parts)) if parts else ""
+
+
+def sweep_labels(combo: dict) -> dict:
+    """A job's sweep values as grids show them: a per-block IP-Adapter scale as its label."""
+    return {axis: ip_scale_label(canonical_ip_scale(v)) if isinstance(v, dict) else v for axis, v in combo.items()}
 
 
 def _has_word(prompt: str, word: str) -> bool:
@@ -195,7 +201,7 @@ def _scene_jobs(spec: Spec, digests: dict[str, str], presets: dict, base_model, 
                 elif parts[0] == "controls":
                     control_scales[parts[1]] = value
                 elif parts[0] == "ip_adapter":
-                    values["ip_adapter_scale"] = value
+                    values["ip_adapter_scale"] = canonical_ip_scale(value)
                 else:
                     values[axis] = value
             loras = tuple(
@@ -234,7 +240,7 @@ def _scene_jobs(spec: Spec, digests: dict[str, str], presets: dict, base_model, 
                             guidance_scale=float(values["guidance_scale"]),
                             scheduler=values["scheduler"], dtype=dtype, base_model=base_model, vae=vae,
                             loras=loras, controls=resolved_controls,
-                            sweep={**combo, **var_axes},
+                            sweep={**sweep_labels(combo), **var_axes},
                             best_of_group=(stem + suffix) if job.best_of > 1 else None,
                             candidate=candidate, passes=passes,
                             ip_adapter=resolve_ip_adapter(ip_use, character, values.get("ip_adapter_scale"), digests),

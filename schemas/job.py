@@ -71,7 +71,7 @@ class ResolvedIpAdapter(Strict):
     encoder_digest: str
     images: tuple[str, ...]  # reference images (embeddings averaged), relative to the project root
     image_digests: tuple[str, ...]
-    scale: float
+    scale: float | dict  # a float, or the per-block dict (schemas.ip_adapter.canonical_ip_scale)
 
 
 class RenderJob(Strict):

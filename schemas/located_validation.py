@@ -70,7 +70,7 @@ def fields_at(model_cls: type[BaseModel], loc: Loc) -> list[str]:
     return names
 
 
-def _data_loc(data: Any, loc: Loc) -> Loc:
+def data_loc(data: Any, loc: Loc) -> Loc:
     """Drop the parts of a pydantic loc that are not in the data (union tags, validator names)."""
     out: list[Union[str, int]] = []
     current = data
@@ -87,7 +87,7 @@ def _data_loc(data: Any, loc: Loc) -> Loc:
 def validation_errors(exc: ValidationError, data: Any, model_cls: type[BaseModel], sink: ErrorSink) -> None:
     for err in exc.errors(include_url=False):
         raw_loc = tuple(err["loc"])
-        loc = _data_loc(data, raw_loc)
+        loc = data_loc(data, raw_loc)
         kind = err["type"]
         if kind == "extra_forbidden":
             parent, key = loc[:-1], loc[-1] if loc else ""

@@ -8,7 +8,7 @@ spec are already relative to the project root (the loader rewrites and checks th
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, Field, field_validator, model_validator
 
@@ -278,7 +278,7 @@ class SeedRange(Strict):
     start: int = Field(default=0, ge=0, lt=2**32)
 
 
-SweepValue = Union[float, int, str]
+SweepValue = Union[float, int, str, dict[str, Any]]  # a dict: a per-block ip_adapter.scale
 SWEEP_FIXED_AXES = ("guidance_scale", "num_inference_steps", "scheduler", "width", "height")
 SWEEP_AXIS_PATTERN = re.compile(r"^(guidance_scale|num_inference_steps|scheduler|width|height|loras\.([A-Za-z0-9_][A-Za-z0-9_.-]*)\.weight|controls\.(pose|depth|canny|seg|normal)\.scale|vars\.[A-Za-z_][A-Za-z0-9_]*|ip_adapter\.scale)$")
 

@@ -4,6 +4,7 @@ diffusers' loader from local files, scale 0, no leak between jobs, LoRA + Contro
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -114,6 +115,34 @@ def test_with_lora_and_controlnet(root, renderer):
     assert np.array_equal(px(renderer, job(controls=ctl)), ctl_only)  # unloaded for the ControlNet pipe too
 
 
+def _ip_scales(renderer) -> dict[str, list[float]]:
+    return {name.split(".")[0]: list(proc.scale) for name, proc in renderer.pipe.unet.attn_processors.items()
+            if hasattr(proc, "scale") and not name.startswith(("down_blocks", "up_blocks"))} | {
+        ".".join(name.split(".")[:2]): list(proc.scale) for name, proc in renderer.pipe.unet.attn_processors.items()
+        if hasattr(proc, "scale") and name.startswith(("down_blocks", "up_blocks"))}
+
+
+def test_per_block_scale_reaches_only_the_named_blocks(root, renderer):
+    """A scale per UNet block (diffusers' InstantStyle form): named blocks get it, the rest 0, and the
+    next job with a plain number sets every block again."""
+    from schemas.ip_adapter import canonical_ip_scale
+
+    base = px(renderer, job())
+    uniform = px(renderer, job(ip_adapter=ip(root, scale=1.0)))
+    mid = px(renderer, job(ip_adapter=ip(root, scale=canonical_ip_scale({"mid": 1.0}))))
+    assert _ip_scales(renderer) == {"mid_block": [1.0], "down_blocks.1": [0.0], "up_blocks.0": [0.0]}
+    assert np.abs(mid - base).mean() > 0.1 and not np.array_equal(mid, uniform)
+    zero = px(renderer, job(ip_adapter=ip(root, scale=canonical_ip_scale({"up": {"block_0": [0.0, 0.0, 0.0]}}))))
+    assert np.array_equal(zero, base)  # every block at 0: exactly the no-adapter pixels
+    assert np.array_equal(px(renderer, job(ip_adapter=ip(root, scale=1.0))), uniform)
+    assert set(map(tuple, _ip_scales(renderer).values())) == {(1.0,)}
+    with pytest.raises(JobError, match=r"names down.block_2, which has no .*down \['block_1'\], mid, up \['block_0'\]"):
+        renderer.render(job(ip_adapter=ip(root, scale=canonical_ip_scale({"down": {"block_2": 1.0}}))))
+    with pytest.raises(JobError, match="Expected 3 scales for up.block_0, got 2"):
+        renderer.render(job(ip_adapter=ip(root, scale=canonical_ip_scale({"up": {"block_0": [1.0, 1.0]}}))))
+    assert np.array_equal(px(renderer, job()), base)
+
+
 def test_bad_adapter_file_is_a_clear_error(root, renderer, tmp_path):
     bad = ip(root).model_copy(update={"model": "missing.safetensors", "digest": "x"})
     with pytest.raises(JobError, match="does not exist"):
@@ -187,6 +216,45 @@ def test_spec_resolves_adapters_images_and_switches(proj):
     assert [jobs[f"sweep/hero/park/draft/seed-0-ip={s}"].ip_adapter.scale for s in ("0", "0.5")] == [0.0, 0.5]
 
 
+def test_per_block_scales_in_the_spec_and_in_sweeps(proj):
+    """`scale` may be diffusers' per-block dict, on the character or as a sweep value: one canonical
+    form in the job (so two spellings share a key), a readable name, the grid label, the infotext."""
+    from renderer.png_metadata import format_parameters, parse_parameters
+
+    text = SPEC.replace("scale: 0.7}", "scale: {mid: 1, up: {block_0: [0, 1, 0]}}}").replace(
+        "ip_adapter.scale: [0, 0.5]", "ip_adapter.scale: [0.5, {mid: 1.0}]")
+    jobs = _jobs(proj, text)
+    hero = jobs["main/hero/park/draft/seed-0"]
+    assert hero.ip_adapter.scale == {"down": 0.0, "mid": 1.0, "up": {"block_0": [0.0, 1.0, 0.0]}}
+    swept = [j for n, j in jobs.items() if n.startswith("sweep/")]
+    assert sorted(j.name for j in swept) == ["sweep/hero/park/draft/seed-0-ip=0.5",
+                                             "sweep/hero/park/draft/seed-0-ip=mid@1"]
+    (mid,) = [j for j in swept if j.name.endswith("mid@1")]
+    assert mid.ip_adapter.scale == {"down": 0.0, "mid": 1.0, "up": 0.0} and mid.sweep == {"ip_adapter.scale": "mid@1"}
+    assert json.loads(parse_parameters(format_parameters(hero))["IP-Adapter scale"]) == hero.ip_adapter.scale
+    plain = _jobs(proj, text.replace("up: {block_0: [0, 1, 0]}", "up: 0"))
+    assert plain["main/hero/park/draft/seed-0"].key != hero.key
+
+
+@pytest.mark.parametrize("scale, message", [
+    ("{middle: 1}", r"characters.hero.ip_adapter.scale.*middle"),
+    ("{up: {block_0: -1}}", r"characters.hero.ip_adapter.scale.*greater than or equal to 0"),
+    ("{up: {b0: 1}}", r"characters.hero.ip_adapter.scale.*up"),
+    ("5", r"characters.hero.ip_adapter.scale"),
+])
+def test_bad_per_block_scales_are_clear(proj, scale, message):
+    from schemas.loader import SpecErrors
+
+    with pytest.raises(SpecErrors, match=message):
+        _jobs(proj, SPEC.replace("scale: 0.7}", f"scale: {scale}}}"))
+    with pytest.raises(SpecErrors, match=r"ip_adapter.scale\[1\]: per-block IP-Adapter scale: mid: .*less than"):
+        _jobs(proj, SPEC.replace("ip_adapter.scale: [0, 0.5]", "ip_adapter.scale: [0, {mid: 9}]"))
+    with pytest.raises(SpecErrors, match=r"ip_adapter.scale\[2\]: the same scale as value 1"):
+        _jobs(proj, SPEC.replace("ip_adapter.scale: [0, 0.5]", "ip_adapter.scale: [0, {mid: 1.0}, {mid: 1, down: 0}]"))
+    with pytest.raises(SpecErrors, match="per-block mapping"):
+        _jobs(proj, SPEC.replace("ip_adapter.scale: [0, 0.5]", "ip_adapter.scale: [0, high]"))
+
+
 def test_key_holds_adapter_encoder_images_and_scale_only_when_used(proj):
     before = {n: j.key for n, j in _jobs(proj).items()}
     assert "ip_adapter" not in _jobs(proj)["main/plain/park/draft/seed-0"].pixel_fields()
@@ -247,6 +315,9 @@ def test_identity_source_table():
     assert identity_source(lora) == "LoRA only" and identity_source(ipa) == "adapter only"
     assert identity_source({**lora, **ipa}) == "both" and identity_source({}) == "neither"
     assert identity_source({"loras": [{"kind": "style", "weight": 1.0}], "ip_adapter": {"scale": 0.0}}) == "neither"
+    assert identity_source({"ip_adapter": {"scale": {"down": 0.0, "mid": 0.0, "up": {"block_0": [0.0, 0.0]}}}}) \
+        == "neither"
+    assert identity_source({**lora, "ip_adapter": {"scale": {"down": 0.0, "mid": 1.0, "up": 0.0}}}) == "both"
 
     def rec(source, job, clip, ok):
         return {"identity_source": source, "job": job, "selected": True, "clip_i_mean": clip, "pass": ok}

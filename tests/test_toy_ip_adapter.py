@@ -1,9 +1,10 @@
 """The proof the issue asks for: `builtin:toy-ip-adapter` and held-out characters' reference images.
 
-STATUS (measured 2026-12-03): points 1, 2 and 4 pass with the committed adapter (recipe 2, trained by
-distillation from the text path; used at its recipe's scale, 1.0). Point 3 is NOT reached and stays
-`xfail(strict=True)` with its bar unchanged: with luca's trigger word first in the prompt the adapter
-paints luca's body green. Figures: docs/TOYWORLD.md "Toy IP-Adapter".
+STATUS (measured 2026-12-03): all four pass with the committed adapter (recipe 2, trained by
+distillation from the text path; alone at its recipe's scale, 1.0). With luca's LoRA the adapter
+works in the UNet's mid block only (a per-block scale, `{mid: 1.0}`): the LoRA brings the colour, the
+adapter the shape. At one scale for every block the adapter paints luca's body green when the
+trigger word comes first; that is kept as `xfail(strict=True)`. Figures: docs/TOYWORLD.md "Toy IP-Adapter".
 
 On the committed toy base model (builtin:toy-sdxl) and the committed adapter (trained by
 `castbook toymodel train-ip-adapter specs/toy/toy-ip-adapter.yaml` with luca, alberto and giulia
@@ -14,7 +15,7 @@ held out), through `castbook render`, read back by the pixel checker:
    the images; the base model alone (same prompts and seeds) in about 0 %; the background asked
    in the prompt stays right in >= 90 %;
 2. `scale: 0` gives exactly the pixels of the render without the adapter;
-3. luca's LoRA plus the adapter hits at least as often as the LoRA alone;
+3. luca's LoRA plus the adapter (mid block only) hits at least as often as the LoRA alone;
 4. a job without the adapter after one with it renders the same pixels as a fresh renderer.
 """
 
@@ -49,6 +50,10 @@ MIN_BACKGROUND = 0.90
 # here (luca / alberto / giulia; identity 83 / 92 / 96 %, luca's LoRA alone 67 %, LoRA + adapter 0 %).
 MIN_COLOUR_EACH = 0.50
 MIN_COLOUR_MEAN = 0.75
+# With a LoRA, the adapter in the mid block only (diffusers' per-block scale): measured 24 / 24 for luca
+# at mid 0.5 / 1.0 / 1.5 / 2.0, where the LoRA alone draws 16 / 24 (its shape is what misses). The mid
+# block alone carries shape, not colour: without a LoRA it draws luca's heart in 100 %, brown in 0 %.
+BOTH_SCALE = {"mid": 1.0}
 
 
 def _spec(root: Path) -> Path:
@@ -74,7 +79,9 @@ def _spec(root: Path) -> Path:
             "base": {"characters": HELD_OUT, "scenes": BACKGROUNDS, "seeds": seeds, "use_loras": False,
                      "use_ip_adapter": False},
             "lora": {"characters": ["luca"], "scenes": BACKGROUNDS, "seeds": seeds, "use_ip_adapter": False},
-            "both": {"characters": ["luca"], "scenes": BACKGROUNDS, "seeds": seeds},
+            "both": {"characters": ["luca"], "scenes": BACKGROUNDS, "seeds": seeds,
+                     "sweep": {"ip_adapter.scale": [BOTH_SCALE]}},
+            "both_uniform": {"characters": ["luca"], "scenes": BACKGROUNDS, "seeds": seeds},  # scale 1.0 everywhere
             "zero": {"characters": ["alberto"], "scenes": ["beach"], "seeds": [1, 2], "use_loras": False,
                      "sweep": {"ip_adapter.scale": [0.0]}},
         },
@@ -126,7 +133,9 @@ def run(tmp_path_factory):
     figures = {c: {"base": rate("base", c, "identity"), "adapter": rate("adapter", c, "identity"),
                    "base_colour": rate("base", c, "colour"), "adapter_colour": rate("adapter", c, "colour"),
                    "background": rate("adapter", c, "background")} for c in HELD_OUT}
-    figures["luca"].update(lora=rate("lora", "luca", "identity"), both=rate("both", "luca", "identity"))
+    figures["luca"].update(lora=rate("lora", "luca", "identity"), both=rate("both", "luca", "identity"),
+                           both_uniform=rate("both_uniform", "luca", "identity"),
+                           both_background=rate("both", "luca", "background"))
     print(json.dumps(figures))
     return run_dir, figures
 
@@ -149,12 +158,18 @@ def test_colour_comes_from_the_references_and_the_scene_stays(run):
     assert np.mean([figures[c]["adapter_colour"] for c in HELD_OUT]) >= MIN_COLOUR_MEAN, figures
 
 
-@pytest.mark.xfail(strict=True, reason="measured 2026-12-03: luca's LoRA alone 67 %, LoRA + toy adapter 0 %: hearts, "
-                   "but green. The trigger word first ('luca, a character ...') is the cause: without any LoRA it "
-                   "takes the adapter's colour for luca from 67 % to 0 % (docs/TOYWORLD.md); the requirement is kept")
 def test_lora_and_adapter_together_hit_at_least_as_often_as_the_lora(run):
     _, figures = run
     assert figures["luca"]["both"] >= figures["luca"]["lora"], figures
+    assert figures["luca"]["both_background"] >= MIN_BACKGROUND, figures
+
+
+@pytest.mark.xfail(strict=True, reason="measured 2026-12-03: luca's LoRA alone 67 %, + the toy adapter at 1.0 in every "
+                   "block 0 %: hearts, but green. The trigger word first ('luca, a character ...') is the cause: "
+                   "without any LoRA it takes the adapter's colour for luca from 92 % to 0 % (docs/TOYWORLD.md)")
+def test_lora_and_adapter_at_one_scale_for_every_block(run):
+    _, figures = run
+    assert figures["luca"]["both_uniform"] >= figures["luca"]["lora"], figures
 
 
 def test_scale_zero_is_exactly_the_render_without_adapter(run):
