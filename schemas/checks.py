@@ -11,7 +11,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import ValidationError
 
 from schemas.builtins import CONTROLNET_MODELS
-from schemas.ip_adapter import IpBlockScales, canonical_ip_scale
+from schemas.ip_adapter import IpBlockScales, canonical_ip_scale, ip_scale_label
 from schemas.job import SchedulerName
 from schemas.loader import ErrorSink
 from schemas.located_validation import data_loc
@@ -166,10 +166,11 @@ def check_references(spec: Spec, sink: ErrorSink) -> None:
                 if problem:
                     sink.add(loc + (j,), problem)
             if axis == "ip_adapter.scale" and not any(p for _, p in problems):
-                seen = [canonical_ip_scale(v) for v in values]
+                seen = [ip_scale_label(canonical_ip_scale(v)) for v in values]  # the label names the images
                 dup = next((j for j, v in enumerate(seen) if v in seen[:j]), None)
                 if dup is not None:
-                    sink.add(loc + (dup,), f"the same scale as value {seen.index(seen[dup])} (blocks not named are 0)")
+                    sink.add(loc + (dup,), f"the same scale as value {seen.index(seen[dup])} (`ip={seen[dup]}`; "
+                                           "blocks not named are 0)")
 
     # 4. prompt variables: a name of its own (never a built-in template variable's)
     owners = [(("characters", n), c) for n, c in spec.characters.items()] + \

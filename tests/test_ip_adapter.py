@@ -251,6 +251,8 @@ def test_bad_per_block_scales_are_clear(proj, scale, message):
         _jobs(proj, SPEC.replace("ip_adapter.scale: [0, 0.5]", "ip_adapter.scale: [0, {mid: 9}]"))
     with pytest.raises(SpecErrors, match=r"ip_adapter.scale\[2\]: the same scale as value 1"):
         _jobs(proj, SPEC.replace("ip_adapter.scale: [0, 0.5]", "ip_adapter.scale: [0, {mid: 1.0}, {mid: 1, down: 0}]"))
+    with pytest.raises(SpecErrors, match=r"ip_adapter.scale\[1\]: the same scale as value 0 \(`ip=0`"):
+        _jobs(proj, SPEC.replace("ip_adapter.scale: [0, 0.5]", "ip_adapter.scale: [0, {up: {block_0: [0, 0, 0]}}]"))
     with pytest.raises(SpecErrors, match="per-block mapping"):
         _jobs(proj, SPEC.replace("ip_adapter.scale: [0, 0.5]", "ip_adapter.scale: [0, high]"))
 
