@@ -116,10 +116,12 @@ def test_with_lora_and_controlnet(root, renderer):
 
 
 def _ip_scales(renderer) -> dict[str, list[float]]:
-    return {name.split(".")[0]: list(proc.scale) for name, proc in renderer.pipe.unet.attn_processors.items()
-            if hasattr(proc, "scale") and not name.startswith(("down_blocks", "up_blocks"))} | {
-        ".".join(name.split(".")[:2]): list(proc.scale) for name, proc in renderer.pipe.unet.attn_processors.items()
-        if hasattr(proc, "scale") and name.startswith(("down_blocks", "up_blocks"))}
+    """The IP-Adapter scales the UNet's attention processors hold, by block (`mid_block`, `down_blocks.1`, ...)."""
+    def block(name: str) -> str:
+        return ".".join(name.split(".")[:1 if name.startswith("mid_block") else 2])
+
+    return {block(name): list(proc.scale) for name, proc in renderer.pipe.unet.attn_processors.items()
+            if hasattr(proc, "scale")}
 
 
 def test_per_block_scale_reaches_only_the_named_blocks(root, renderer):
